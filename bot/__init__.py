@@ -1,0 +1,1 @@
+"""The bot: CLI, web app, store and service wiring."""

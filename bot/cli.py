@@ -1,0 +1,184 @@
+"""The `recon` command line."""
+
+from __future__ import annotations
+
+import functools
+import json
+import sys
+import threading
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import click
+import duckdb
+from rich.console import Console
+from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+
+from bot import render
+from bot.config import Settings
+from bot.service import SourcePaths, reconcile_files
+from bot.store import Store, StoreError
+from connectors.base import InputError
+from rules.config import Config, ConfigError, parse_config
+from rules.periods import PeriodError, parse_period
+
+USER_ERRORS = (InputError, ConfigError, PeriodError, StoreError)
+
+
+def user_errors(command: Callable[..., Any]) -> Callable[..., Any]:
+    """Bad input exits 2 with one line; anything else exits 1 with one line."""
+
+    @functools.wraps(command)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return command(*args, **kwargs)
+        except USER_ERRORS as exc:
+            click.echo(f"recon: {exc}", err=True)
+            sys.exit(2)
+        except (click.exceptions.Exit, click.ClickException, SystemExit):
+            raise
+        except Exception as exc:  # noqa: BLE001 - the last line of defence for a CLI
+            click.echo(f"recon: unexpected error: {type(exc).__name__}: {exc}", err=True)
+            sys.exit(1)
+
+    return wrapper
+
+
+def load_config(path: Path) -> Config:
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: no such config file (set RECON_CONFIG or pass --config)") from None
+    except OSError as exc:
+        raise ConfigError(f"{path}: cannot be read: {exc.strerror}") from None
+    try:
+        return parse_config(text)
+    except ConfigError as exc:
+        raise ConfigError(f"{path}: {exc}") from None
+
+
+@click.group()
+@click.version_option(package_name="overage-recon")
+def main() -> None:
+    """overage-recon: reconcile raw usage, metered units and invoices."""
+
+
+@main.command()
+@click.option("--config", "config_path", type=click.Path(path_type=Path), help="Config file [env RECON_CONFIG].")
+@click.option("--raw", type=click.Path(path_type=Path), help="Raw events file (overrides [sources] raw).")
+@click.option("--metered", type=click.Path(path_type=Path), help="Metered file (overrides [sources] metered).")
+@click.option("--invoiced", type=click.Path(path_type=Path), help="Invoice lines file (overrides [sources] invoiced).")
+@click.option("--period", help="YYYY-MM, or START..END; default: the periods the records name.")
+@click.option("--customer", "customers", multiple=True, help="Only this customer (repeatable).")
+@click.option("--format", "fmt", type=click.Choice(["table", "json", "csv"]), default="table", show_default=True)
+@click.option("--out", type=click.Path(path_type=Path), help="Write the report here instead of stdout.")
+@click.option("--route/--no-route", default=False, help="Route findings (Slack, tickets, watch-list).")
+@click.option("--all", "show_all", is_flag=True, help="With --format table, list matched keys too.")
+@user_errors
+def reconcile(
+    config_path: Path | None, raw: Path | None, metered: Path | None, invoiced: Path | None,
+    period: str | None, customers: tuple[str, ...], fmt: str, out: Path | None, route: bool, show_all: bool,
+) -> None:
+    """Run one reconciliation and print its report."""
+    settings = Settings.from_env()
+    config_path = config_path or settings.config_path
+    config = load_config(config_path)
+    sources = resolve_sources(config, config_path, raw, metered, invoiced)
+    periods = (parse_period(period, config.period.zone),) if period else None
+    store = Store.open(settings.database_url)
+    result = reconcile_files(config, sources, periods, store, frozenset(customers), progress_bar())
+    write_report(result.report, fmt, out, show_all)
+    if route:
+        click.echo("recon: --route: routing to Slack and tickets is not built yet; nothing was sent", err=True)
+
+
+def resolve_sources(
+    config: Config, config_path: Path, raw: Path | None, metered: Path | None, invoiced: Path | None
+) -> SourcePaths:
+    """Flags win over `[sources]`; config paths are relative to the config file."""
+    base = config_path.parent
+    chosen = {}
+    for name, flag in (("raw", raw), ("metered", metered), ("invoiced", invoiced)):
+        configured = getattr(config.sources, name)
+        if flag is not None:
+            chosen[name] = flag
+        elif configured is not None:
+            chosen[name] = base / configured
+        else:
+            raise ConfigError(f"sources.{name}: no {name} source (set it in the config or pass --{name})")
+    return SourcePaths(**chosen)
+
+
+def write_report(report: dict[str, Any], fmt: str, out: Path | None, show_all: bool = False) -> None:
+    if fmt == "table":
+        if out:
+            with out.open("w", encoding="utf-8") as handle:
+                render.print_table(report, render.console(handle), show_all)
+        else:
+            render.print_table(report, render.console(), show_all)
+        return
+    text = render.as_json(report) if fmt == "json" else render.as_csv(report)
+    if out:
+        out.write_text(text, encoding="utf-8")
+    else:
+        sys.stdout.write(text)
+
+
+def progress_bar() -> Callable[[duckdb.DuckDBPyConnection, threading.Event], None] | None:
+    """A progress bar on stderr for the DuckDB scan, when stderr is a terminal."""
+    if not sys.stderr.isatty():
+        return None
+
+    def watch(con: duckdb.DuckDBPyConnection, done: threading.Event) -> None:
+        columns = (TextColumn("scanning raw events"), BarColumn(), TextColumn("{task.percentage:>3.0f}%"), TimeElapsedColumn())
+        with Progress(*columns, console=Console(stderr=True), transient=True) as bar:
+            task = bar.add_task("scan", total=100)
+            while not done.wait(0.2):
+                bar.update(task, completed=max(con.query_progress(), 0))
+
+    return watch
+
+
+@main.command()
+@click.option("--out", "out_dir", type=click.Path(path_type=Path), help="Keep the sample book in this folder.")
+@click.option("--format", "fmt", type=click.Choice(["table", "json"]), default="table", show_default=True)
+@user_errors
+def demo(out_dir: Path | None, fmt: str) -> None:
+    """Reconcile a bundled sample book: every class, with no credentials and no network."""
+    from bot.demo import run_demo
+
+    run_demo(Settings.from_env(), out_dir, fmt)
+
+
+@main.command()
+@user_errors
+def migrate() -> None:
+    """Create or upgrade the database schema."""
+    settings = Settings.from_env()
+    store = Store.open(settings.database_url)
+    click.echo(f"schema at version {store.schema_version()}")
+
+
+@main.command()
+@click.option("--format", "fmt", type=click.Choice(["table", "json"]), default="table", show_default=True)
+@click.option("--all", "show_all", is_flag=True, help="Cleared and escalated items too.")
+@user_errors
+def watchlist(fmt: str, show_all: bool) -> None:
+    """Timing items and what cleared them."""
+    items = Store.open(Settings.from_env().database_url).watchlist(include_closed=show_all)
+    if fmt == "json":
+        click.echo(json.dumps(items, indent=2))
+        return
+    render.print_watchlist(items, render.console())
+
+
+@main.command()
+@click.option("--host", default="127.0.0.1", show_default=True)
+@click.option("--port", default=8000, show_default=True)
+@user_errors
+def serve(host: str, port: int) -> None:
+    """The web app, for development (production runs the Procfile's gunicorn)."""
+    from bot.app import create_app
+
+    create_app().run(host=host, port=port)

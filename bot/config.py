@@ -1,0 +1,46 @@
+"""Settings from the environment: the only module that reads `os.environ`."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+
+DEFAULT_DATABASE_URL = "sqlite:///recon.db"
+
+
+def _secrets(value: str | None) -> tuple[str, ...]:
+    return tuple(s.strip() for s in (value or "").split(",") if s.strip())
+
+
+@dataclass(frozen=True)
+class Settings:
+    config_path: Path = Path("recon.toml")
+    database_url: str = DEFAULT_DATABASE_URL
+    stripe_api_key: str | None = field(default=None, repr=False)
+    stripe_webhook_secrets: tuple[str, ...] = field(default=(), repr=False)
+    stripe_api_base: str | None = None
+    orb_api_key: str | None = field(default=None, repr=False)
+    orb_webhook_secrets: tuple[str, ...] = field(default=(), repr=False)
+    orb_api_base: str | None = None
+    slack_bot_token: str | None = field(default=None, repr=False)
+    slack_signing_secret: str | None = field(default=None, repr=False)
+    slack_api_url: str | None = None
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str] | None = None) -> Settings:
+        env = os.environ if env is None else env
+        return cls(
+            config_path=Path(env.get("RECON_CONFIG") or "recon.toml"),
+            database_url=env.get("RECON_DATABASE_URL") or DEFAULT_DATABASE_URL,
+            stripe_api_key=env.get("STRIPE_API_KEY") or None,
+            stripe_webhook_secrets=_secrets(env.get("STRIPE_WEBHOOK_SECRET")),
+            stripe_api_base=env.get("STRIPE_API_BASE") or None,
+            orb_api_key=env.get("ORB_API_KEY") or None,
+            orb_webhook_secrets=_secrets(env.get("ORB_WEBHOOK_SECRET")),
+            orb_api_base=env.get("ORB_API_BASE") or None,
+            slack_bot_token=env.get("SLACK_BOT_TOKEN") or None,
+            slack_signing_secret=env.get("SLACK_SIGNING_SECRET") or None,
+            slack_api_url=env.get("SLACK_API_URL") or None,
+        )

@@ -1,0 +1,95 @@
+"""Reports for people and scripts: a rich table, JSON, or CSV."""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+from typing import Any
+
+from rich.console import Console
+from rich.table import Table
+
+from rules.report import CSV_COLUMNS, csv_row
+
+CLASS_STYLE = {
+    "match": "green", "under_bill": "bold red", "over_bill": "bold magenta", "timing": "yellow",
+    "credit": "cyan", "proration": "blue", "unmapped": "bold white",
+}
+
+
+def console(file: Any = None) -> Console:
+    """A console that is wide enough for the tables when the output is not a terminal."""
+    target = Console(file=file)
+    return target if target.is_terminal else Console(file=file, width=180)
+
+
+def as_json(report: dict[str, Any]) -> str:
+    return json.dumps(report, indent=2, ensure_ascii=False) + "\n"
+
+
+def as_csv(report: dict[str, Any]) -> str:
+    buffer = io.StringIO()
+    writer = csv.writer(buffer, lineterminator="\n")
+    writer.writerow(CSV_COLUMNS)
+    writer.writerows(csv_row(line) for line in report["lines"])
+    return buffer.getvalue()
+
+
+def print_table(report: dict[str, Any], console: Console, show_matches: bool = False) -> None:
+    """The summary by class, then every key that is not a match (or every key)."""
+    print_summary(report, console)
+    lines = [ln for ln in report["lines"] if show_matches or ln["class"] != "match"]
+    if not lines:
+        return
+    table = Table(title="Discrepancies" if not show_matches else "Keys", show_lines=False)
+    for column, justify in (
+        ("customer", "left"), ("meter", "left"), ("period", "left"), ("raw", "right"),
+        ("metered", "right"), ("invoiced", "right"), ("Δ amount", "right"), ("class", "left"),
+        ("break at", "left"),
+    ):
+        table.add_column(column, justify=justify, no_wrap=True)  # type: ignore[arg-type]
+    table.add_column("cause", overflow="fold", min_width=30)
+    for ln in lines:
+        table.add_row(
+            ln["customer_id"], ln["meter"], ln["period"], ln["raw_units"], ln["metered_units"],
+            ln["invoiced_units"], f"{ln['delta_amount']} {ln['currency'].upper()}",
+            f"[{CLASS_STYLE[ln['class']]}]{ln['class']}[/]", ln["break_at"], ln["cause"],
+        )
+    console.print(table)
+
+
+def print_summary(report: dict[str, Any], console: Console) -> None:
+    summary = report["summary"]
+    periods = ", ".join(report["period"].get("periods", [])) or report["period"].get("label", "")
+    console.print(
+        f"[bold]Run {report['run_id']}[/] · {periods} · {summary['keys']} keys, {summary['matched']} matched"
+    )
+    table = Table(show_header=True, box=None, padding=(0, 2))
+    table.add_column("class")
+    table.add_column("keys", justify="right")
+    table.add_column("delta amount", justify="right")
+    for klass, facts in summary["classes"].items():
+        amount = ", ".join(f"{v} {k.upper()}" for k, v in facts["amounts"].items()) or "0.00"
+        table.add_row(f"[{CLASS_STYLE[klass]}]{klass}[/]", str(facts["count"]), amount)
+    console.print(table)
+    scope = summary.get("out_of_scope", {})
+    if any(scope.values()):
+        console.print(
+            f"[dim]Outside the run's periods: {scope.get('metered', 0)} metered rows, "
+            f"{scope.get('invoice_lines', 0)} invoice lines[/]"
+        )
+
+
+def print_watchlist(items: list[dict[str, Any]], console: Console) -> None:
+    if not items:
+        console.print("No timing items.")
+        return
+    table = Table(title="Timing watch-list")
+    for column in ("customer", "meter", "period", "late units", "status", "cleared by"):
+        table.add_column(column)
+    for item in items:
+        cleared = item["cleared_by"]
+        how = f"{cleared['run_id']} ({cleared['period']})" if cleared else ""
+        table.add_row(item["customer_id"], item["meter"], item["period"], item["late_units"], item["status"], how)
+    console.print(table)

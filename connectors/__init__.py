@@ -1,0 +1,1 @@
+"""Connectors: each source's records in the canonical shapes."""

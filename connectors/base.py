@@ -1,0 +1,47 @@
+"""What every connector shares: its errors and the interfaces the core reads through."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from typing import Protocol
+
+from rules.models import InvoiceLine, MeteredRecord, RawAggregate
+from rules.timeline import Timeline
+
+
+class InputError(ValueError):
+    """Bad input a user can fix: the message names the file, row and field."""
+
+
+class ConnectorError(RuntimeError):
+    """A source could not be read."""
+
+    def __init__(self, message: str, request_id: str | None = None) -> None:
+        super().__init__(message)
+        self.request_id = request_id
+
+
+class UpstreamUnavailable(ConnectorError):
+    """The platform is down, slow or rate limiting: worth retrying."""
+
+
+class UpstreamRejected(ConnectorError):
+    """The platform refused the request: retrying will not help."""
+
+
+class UsageSource(Protocol):
+    """Where the product's raw usage events live."""
+
+    def aggregate(self, timeline: Timeline, evidence_limit: int) -> Iterable[RawAggregate]: ...
+
+    def fingerprint(self) -> str: ...
+
+
+class BillingSource(Protocol):
+    """Where the metered units and invoice lines come from."""
+
+    def metered(self) -> Iterable[MeteredRecord]: ...
+
+    def invoiced(self) -> Iterable[InvoiceLine]: ...
+
+    def fingerprint(self) -> str: ...

@@ -1,0 +1,446 @@
+"""Canonical records from CSV, JSON Lines and Parquet files, read through DuckDB.
+
+Raw events never come into Python one by one: DuckDB parses, deduplicates,
+buckets them on the run's timeline and sums them per customer × meter × segment,
+so memory stays bounded whatever the file size. Metered rows and invoice lines
+are one per key at most and are parsed in Python, which names the exact line
+and field of a bad value.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import threading
+from collections.abc import Callable, Iterator
+from datetime import datetime
+from decimal import Decimal
+from pathlib import Path
+from typing import Any
+
+import duckdb
+
+from connectors.base import InputError
+from rules.models import InvoiceLine, MeteredRecord, RawAggregate
+from rules.timeline import Timeline
+from rules.values import parse_decimal, parse_instant
+
+RAW_COLUMNS = ("event_id", "customer_id", "meter", "timestamp", "quantity")
+METERED_COLUMNS = ("customer_id", "meter", "period_start", "period_end", "quantity")
+INVOICED_COLUMNS = (
+    "invoice_id", "line_id", "customer_id", "meter", "period_start", "period_end",
+    "quantity", "amount", "currency", "kind",
+)
+KINDS = ("usage", "credit", "proration", "adjustment")
+QUANTITY = "DECIMAL(38,12)"
+_NUMERIC = ("TINYINT", "SMALLINT", "INTEGER", "BIGINT", "HUGEINT", "UTINYINT", "USMALLINT", "UINTEGER", "UBIGINT")
+
+
+def connect(memory_limit: str = "1GB") -> duckdb.DuckDBPyConnection:
+    con = duckdb.connect()
+    con.execute("SET TimeZone = 'UTC'")
+    con.execute(f"SET memory_limit = '{memory_limit}'")
+    con.execute("SET preserve_insertion_order = false")
+    return con
+
+
+class TableFile:
+    """One CSV, JSON Lines or Parquet file as a DuckDB relation of named columns."""
+
+    def __init__(self, path: str | Path, con: duckdb.DuckDBPyConnection | None = None) -> None:
+        self.path = Path(path)
+        self.con = con or connect()
+        suffix = self.path.suffix.lower()
+        if suffix not in (".csv", ".jsonl", ".ndjson", ".json", ".parquet"):
+            raise InputError(f"{self.path}: unknown file type {suffix!r} (use .csv, .jsonl or .parquet)")
+        if not self.path.is_file():
+            raise InputError(f"{self.path}: no such file")
+        self.kind = {".parquet": "parquet", ".csv": "csv"}.get(suffix, "jsonl")
+        self._types: dict[str, str] | None = None
+
+    def relation(self, columns: tuple[str, ...] = ()) -> str:
+        """A FROM expression; JSON keys are read as text, CSV fields as text."""
+        path = _quote_literal(str(self.path))
+        if self.kind == "parquet":
+            return f"read_parquet({path})"
+        if self.kind == "csv":
+            return f"read_csv({path}, header = true, all_varchar = true)"
+        spec = ", ".join(f"{_quote_literal(c)}: 'VARCHAR'" for c in columns)
+        return f"read_json({path}, format = 'newline_delimited', columns = {{{spec}}})"
+
+    def types(self, expected: tuple[str, ...]) -> dict[str, str]:
+        """Column name → DuckDB type; JSON Lines columns are the expected ones."""
+        if self._types is None:
+            if self.kind == "jsonl":
+                self._types = dict.fromkeys(expected, "VARCHAR")
+            else:
+                try:
+                    rows = self.con.execute(f"DESCRIBE SELECT * FROM {self.relation()}").fetchall()
+                except duckdb.Error as exc:
+                    raise InputError(f"{self.path}: cannot be read: {_first_line(exc)}") from None
+                self._types = {name: kind for name, kind, *_ in rows}
+        return self._types
+
+    def require(self, required: tuple[str, ...], optional: tuple[str, ...] = ()) -> dict[str, str]:
+        types = self.types(required + optional)
+        for column in required:
+            if column not in types:
+                raise InputError(f"{self.path}: missing column {column!r}")
+        return types
+
+    def where(self, index: int) -> str:
+        """How a user finds data row `index` (0-based) in the file."""
+        if self.kind == "csv":
+            return f"line {index + 2}"
+        if self.kind == "jsonl":
+            return f"line {index + 1}"
+        return f"row {index + 1}"
+
+    def fingerprint(self) -> str:
+        digest = hashlib.sha256()
+        with self.path.open("rb") as handle:
+            while chunk := handle.read(1 << 20):
+                digest.update(chunk)
+        return f"sha256:{digest.hexdigest()}"
+
+    def text_rows(self, columns: tuple[str, ...]) -> Iterator[tuple[int, tuple[str | None, ...]]]:
+        """Every row's columns as text, in file order, with the row index."""
+        select = ", ".join(f"CAST({_ident(c)} AS VARCHAR)" for c in columns)
+        try:
+            cursor = self.con.execute(f"SELECT {select} FROM {self.relation(columns)}")
+            index = 0
+            while batch := cursor.fetchmany(10_000):
+                for row in batch:
+                    yield index, row
+                    index += 1
+        except duckdb.Error as exc:
+            raise InputError(f"{self.path}: cannot be read: {_first_line(exc)}") from None
+
+
+class FileBilling:
+    """Metered rows and invoice lines from two files in the canonical shapes."""
+
+    def __init__(self, metered: str | Path | None, invoiced: str | Path | None) -> None:
+        self.metered_file = TableFile(metered) if metered else None
+        self.invoiced_file = TableFile(invoiced) if invoiced else None
+
+    def fingerprint(self) -> str:
+        parts = [f.fingerprint() for f in (self.metered_file, self.invoiced_file) if f]
+        return ",".join(parts)
+
+    def metered(self) -> Iterator[MeteredRecord]:
+        if self.metered_file is None:
+            return
+        table = self.metered_file
+        table.require(METERED_COLUMNS)
+        field = _FieldReader(table)
+        for index, row in table.text_rows(METERED_COLUMNS):
+            values = dict(zip(METERED_COLUMNS, row, strict=True))
+            yield MeteredRecord(
+                customer_id=field.text(values, "customer_id", index, allow_empty=True),
+                meter=field.text(values, "meter", index),
+                period_start=field.instant(values, "period_start", index),
+                period_end=field.instant(values, "period_end", index),
+                quantity=field.decimal(values, "quantity", index),
+            )
+
+    def invoiced(self) -> Iterator[InvoiceLine]:
+        if self.invoiced_file is None:
+            return
+        table = self.invoiced_file
+        table.require(INVOICED_COLUMNS)
+        field = _FieldReader(table)
+        for index, row in table.text_rows(INVOICED_COLUMNS):
+            values = dict(zip(INVOICED_COLUMNS, row, strict=True))
+            kind = field.text(values, "kind", index)
+            if kind not in KINDS:
+                raise InputError(
+                    f"{table.path}: {table.where(index)}: kind: must be one of {', '.join(KINDS)} (got {kind!r})"
+                )
+            yield InvoiceLine(
+                invoice_id=field.text(values, "invoice_id", index),
+                line_id=field.text(values, "line_id", index),
+                customer_id=field.text(values, "customer_id", index, allow_empty=True),
+                meter=field.text(values, "meter", index, allow_empty=True),
+                period_start=field.instant(values, "period_start", index),
+                period_end=field.instant(values, "period_end", index),
+                quantity=field.decimal(values, "quantity", index),
+                amount=field.decimal(values, "amount", index),
+                currency=field.text(values, "currency", index).lower(),
+                kind=kind,
+            )
+
+
+class _FieldReader:
+    """Parses one field of one row, or raises an error naming file, line and field."""
+
+    def __init__(self, table: TableFile) -> None:
+        self.table = table
+        self._instants: dict[str, datetime | None] = {}
+
+    def fail(self, index: int, column: str, problem: str) -> InputError:
+        return InputError(f"{self.table.path}: {self.table.where(index)}: {column}: {problem}")
+
+    def text(self, values: dict[str, Any], column: str, index: int, allow_empty: bool = False) -> str:
+        value = (values[column] or "").strip()
+        if not value and not allow_empty:
+            raise self.fail(index, column, "is empty")
+        return value
+
+    def instant(self, values: dict[str, Any], column: str, index: int) -> datetime:
+        text = self.text(values, column, index)
+        if text not in self._instants:
+            self._instants[text] = parse_instant(text)
+        moment = self._instants[text]
+        if moment is None:
+            raise self.fail(index, column, f"not an ISO-8601 timestamp or Unix seconds ({text!r})")
+        return moment
+
+    def decimal(self, values: dict[str, Any], column: str, index: int) -> Decimal:
+        text = self.text(values, column, index)
+        number = parse_decimal(text)
+        if number is None:
+            raise self.fail(index, column, f"not a decimal number ({text!r})")
+        return number
+
+
+class RawEventsFile:
+    """Raw usage events in a file, aggregated on a run's timeline by DuckDB."""
+
+    def __init__(self, path: str | Path, memory_limit: str = "1GB") -> None:
+        self.table = TableFile(path, connect(memory_limit))
+
+    def fingerprint(self) -> str:
+        return self.table.fingerprint()
+
+    def aggregate(
+        self,
+        timeline: Timeline,
+        evidence_limit: int,
+        zone: str = "UTC",
+        progress: Callable[[duckdb.DuckDBPyConnection], Any] | None = None,
+    ) -> list[RawAggregate]:
+        types = self.table.require(RAW_COLUMNS, ("received_at",))
+        sql = aggregate_sql(self.table.relation(RAW_COLUMNS + ("received_at",)), types, timeline, evidence_limit, zone)
+        con = self.table.con
+        try:
+            with _Watch(con, progress):
+                rows = con.execute(sql).fetchall()
+        except duckdb.Error as exc:
+            raise InputError(f"{self.table.path}: cannot be read: {_first_line(exc)}") from None
+        if any(row[-1] for row in rows):
+            raise self._first_bad_row(types)
+        return [_raw_aggregate(row) for row in rows]
+
+    def _first_bad_row(self, types: dict[str, str]) -> InputError:
+        """Find the first bad row in file order (only on the failure path)."""
+        columns = _event_columns(types)
+        checks = _row_checks(columns)
+        bad = " ".join(f"WHEN {test} THEN '{name}'" for name, test in checks)
+        shown = " ".join(f"WHEN '{name}' THEN {_TEXT_OF[name]}" for name, _ in checks)
+        relation = self.table.relation(RAW_COLUMNS + ("received_at",))
+        sql = f"""
+            SELECT n, bad, CASE bad {shown} END FROM (
+                SELECT row_number() OVER () - 1 AS n, CASE {bad} END AS bad, *
+                FROM (SELECT {_select_events(columns)} FROM {relation})
+            ) WHERE bad IS NOT NULL ORDER BY n LIMIT 1"""
+        self.table.con.execute("SET preserve_insertion_order = true")
+        index, column, value = self.table.con.execute(sql).fetchone()  # type: ignore[misc]
+        if value is None or not value.strip():
+            problem = "is empty"
+        elif column == "quantity":
+            problem = f"not a decimal number ({value!r})"
+        else:
+            problem = f"not an ISO-8601 timestamp or Unix seconds ({value!r})"
+        return InputError(f"{self.table.path}: {self.table.where(index)}: {column}: {problem}")
+
+
+_TEXT_OF = {
+    "event_id": "event_id",
+    "customer_id": "customer_id",
+    "meter": "meter",
+    "timestamp": "timestamp_text",
+    "quantity": "quantity_text",
+    "received_at": "received_at_text",
+}
+
+
+def _event_columns(types: dict[str, str]) -> dict[str, str]:
+    """The SQL expression of each parsed column, by the file's column type."""
+    received = "received_at" in types
+    return {
+        "event_id": "NULLIF(trim(CAST(event_id AS VARCHAR)), '')",
+        "customer_id": "NULLIF(trim(CAST(customer_id AS VARCHAR)), '')",
+        "meter": "NULLIF(trim(CAST(meter AS VARCHAR)), '')",
+        "ts": _instant_sql("timestamp", types["timestamp"]),
+        "rcv": _instant_sql("received_at", types["received_at"]) if received else "NULL::TIMESTAMPTZ",
+        "qty": _decimal_sql("quantity", types["quantity"]),
+        "timestamp_text": "CAST(timestamp AS VARCHAR)",
+        "received_at_text": "CAST(received_at AS VARCHAR)" if received else "NULL::VARCHAR",
+        "quantity_text": "CAST(quantity AS VARCHAR)",
+    }
+
+
+def _select_events(columns: dict[str, str]) -> str:
+    return ", ".join(f"{expr} AS {_ident(name)}" for name, expr in columns.items())
+
+
+def _row_checks(columns: dict[str, str]) -> list[tuple[str, str]]:
+    return [
+        ("event_id", "event_id IS NULL"),
+        ("customer_id", "customer_id IS NULL"),
+        ("meter", "meter IS NULL"),
+        ("timestamp", "ts IS NULL"),
+        ("quantity", "qty IS NULL"),
+        ("received_at", "rcv IS NULL AND NULLIF(trim(received_at_text), '') IS NOT NULL"),
+    ]
+
+
+def aggregate_sql(
+    relation: str, types: dict[str, str], timeline: Timeline, evidence_limit: int, zone: str
+) -> str:
+    """One query: validate, deduplicate by event_id, bucket on the timeline, sum."""
+    columns = _event_columns(types)
+    bad = "CASE " + " ".join(f"WHEN {test} THEN '{name}'" for name, test in _row_checks(columns)) + " END"
+    start, end = _ts(timeline.start), _ts(timeline.end)
+    first_window, last_window = _ts(timeline.start + timeline.grace), _ts(timeline.end + timeline.grace)
+    period = _bucket("ts", [p.end for p in timeline.periods], timeline.start)
+    segment = _bucket("ts", [s.end for s in timeline.segments], timeline.start)
+    window = _window("rcv", timeline)
+    limit = max(evidence_limit, 0)
+    return f"""
+    WITH src AS NOT MATERIALIZED (
+        SELECT *, {bad} AS bad FROM (SELECT {_select_events(columns)} FROM {relation})
+    ),
+    dup_ids AS (
+        SELECT event_id FROM src WHERE event_id IS NOT NULL GROUP BY event_id HAVING count(*) > 1
+    ),
+    dup_rows AS (
+        SELECT src.*,
+            row_number() OVER (same_id ORDER BY coalesce(rcv, ts), qty, customer_id, meter, ts) AS copy,
+            count(*) OVER same_id AS copies,
+            min(qty) OVER same_id <> max(qty) OVER same_id AS conflict
+        FROM src SEMI JOIN dup_ids USING (event_id)
+        WINDOW same_id AS (PARTITION BY event_id)
+    ),
+    events AS (
+        SELECT *, 1 AS copies, false AS conflict FROM src ANTI JOIN dup_ids USING (event_id)
+        UNION ALL
+        SELECT * EXCLUDE (copy) FROM dup_rows WHERE copy = 1
+    ),
+    placed AS (
+        SELECT *, {period} AS period_no, {segment} AS segment_no, {window} AS window_no
+        FROM events
+        WHERE bad IS NOT NULL
+           OR (ts >= {start} AND ts < {end})
+           OR (ts < {start} AND rcv > {first_window} AND rcv <= {last_window})
+    ),
+    flagged AS (
+        SELECT *, CASE WHEN window_no > period_no THEN window_no END AS receiving FROM placed
+    )
+    SELECT
+        customer_id, meter, segment_no, receiving,
+        sum(qty)::VARCHAR AS quantity,
+        count(*) AS events,
+        CASE WHEN receiving IS NOT NULL
+             THEN list_slice(list(event_id ORDER BY event_id), 1, {limit}) END AS late_ids,
+        list_slice(list(event_id ORDER BY event_id) FILTER (WHERE copies > 1), 1, {limit}) AS dup_ids,
+        coalesce(sum(copies - 1), 0) AS dropped_copies,
+        count(*) FILTER (WHERE conflict) AS conflicts,
+        CASE WHEN segment_no = -1
+             THEN list(DISTINCT strftime(timezone({_quote_literal(zone)}, ts), '%Y-%m')) END AS origins,
+        bool_or(bad IS NOT NULL) AS has_bad
+    FROM flagged
+    GROUP BY customer_id, meter, segment_no, receiving
+    """
+
+
+def _raw_aggregate(row: tuple[Any, ...]) -> RawAggregate:
+    customer, meter, segment, receiving, quantity, events, late, dups, dropped, conflicts, origins, _ = row
+    return RawAggregate(
+        customer_id=customer,
+        meter=meter,
+        segment=None if segment is None or segment < 0 else segment,
+        receiving=receiving,
+        quantity=Decimal(quantity).normalize() if quantity is not None else Decimal(0),
+        events=events,
+        late_event_ids=tuple(late or ()),
+        duplicate_event_ids=tuple(dups or ()),
+        dropped_copies=int(dropped),
+        conflicting_copies=int(conflicts),
+        origin_periods=tuple(sorted(origins or ())),
+    )
+
+
+def _bucket(column: str, ends: list[datetime], start: datetime) -> str:
+    """-1 before `start`, then the index of the first end the value is below."""
+    whens = " ".join(f"WHEN {column} < {_ts(end)} THEN {i}" for i, end in enumerate(ends))
+    return f"CASE WHEN {column} < {_ts(start)} THEN -1 {whens} END"
+
+
+def _window(column: str, timeline: Timeline) -> str:
+    """The index of the billing window `(start + grace, end + grace]` holding `column`."""
+    closes = timeline.window_ends()
+    whens = " ".join(f"WHEN {column} <= {_ts(close)} THEN {i}" for i, close in enumerate(closes))
+    first = _ts(timeline.start + timeline.grace)
+    return f"CASE WHEN {column} IS NULL THEN NULL WHEN {column} <= {first} THEN -1 {whens} ELSE {len(closes)} END"
+
+
+def _instant_sql(column: str, kind: str) -> str:
+    name = _ident(column)
+    kind = kind.upper()
+    if kind.startswith("TIMESTAMP WITH TIME ZONE"):
+        return name
+    if kind.startswith("TIMESTAMP") or kind == "DATE":
+        return f"CAST({name} AS TIMESTAMPTZ)"
+    if kind in _NUMERIC:
+        return f"CAST(make_timestamp(CAST({name} AS BIGINT) * 1000000) AS TIMESTAMPTZ)"
+    text = f"trim(CAST({name} AS VARCHAR))"
+    epoch = (
+        f"CASE WHEN regexp_full_match({text}, '-?[0-9]+(\\.[0-9]{{1,6}})?') THEN CAST(make_timestamp("
+        f"CAST(CAST({text} AS DECIMAL(18,6)) * 1000000 AS BIGINT)) AS TIMESTAMPTZ) END"
+    )
+    return f"coalesce(TRY_CAST({text} AS TIMESTAMPTZ), {epoch})"
+
+
+def _decimal_sql(column: str, kind: str) -> str:
+    name = _ident(column)
+    kind = kind.upper()
+    if kind.startswith("DECIMAL") or kind in _NUMERIC:
+        return f"CAST({name} AS {QUANTITY})"
+    return f"TRY_CAST(trim(CAST({name} AS VARCHAR)) AS {QUANTITY})"
+
+
+class _Watch:
+    """Runs `progress(con)` in a thread while a query executes."""
+
+    def __init__(self, con: duckdb.DuckDBPyConnection, progress: Callable[..., Any] | None) -> None:
+        self.con, self.progress = con, progress
+        self.done = threading.Event()
+        self.thread: threading.Thread | None = None
+
+    def __enter__(self) -> _Watch:
+        if self.progress is not None:
+            self.thread = threading.Thread(target=self.progress, args=(self.con, self.done), daemon=True)
+            self.thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.done.set()
+        if self.thread is not None:
+            self.thread.join()
+
+
+def _ts(moment: datetime) -> str:
+    return f"TIMESTAMPTZ '{moment.isoformat()}'"
+
+
+def _ident(name: str) -> str:
+    return '"' + name.replace('"', '""') + '"'
+
+
+def _quote_literal(text: str) -> str:
+    return "'" + text.replace("'", "''") + "'"
+
+
+def _first_line(exc: Exception) -> str:
+    return str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__

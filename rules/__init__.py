@@ -1,0 +1,1 @@
+"""The pure core: config, normalisation, pricing, match and classification. No I/O."""

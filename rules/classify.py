@@ -1,0 +1,324 @@
+"""The verdict on one key: its units, its money, its class, where it broke and why.
+
+Units are compared before money. The meter should hold the period's on-time
+events plus the catch-up of earlier late events (the contract's rule); two other
+readings are accepted as agreement too: a platform that kept late events in their
+own period, and a catch-up not billed yet (the timing item then stays open).
+`break_at` says which comparison failed: raw vs metered (`metering`), metered vs
+invoiced (`billing`), or `both`. When units agree, the usage lines must be priced
+right for the units they carry; credit or adjustment lines then make it `credit`,
+a proration line or a plan change inside the period makes it `proration`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import datetime
+from decimal import Decimal
+
+from rules.config import Meter, PlanChange
+from rules.match import ZERO, KeyFacts
+from rules.models import Evidence, InvoiceLine, Period, ReconLine, TimingRef
+from rules.pricing import Pricing, billable_units, minor_exponent, price, round_money
+from rules.timeline import Segment
+
+
+@dataclass(frozen=True)
+class Units:
+    """A key's quantities in billable units."""
+
+    raw: Decimal
+    late: Decimal
+    catchup: Decimal
+    metered: Decimal
+    invoiced: Decimal
+    on_time: Decimal  # what the meter and the invoice should hold (contract rule)
+    with_late: Decimal  # the same if the platform kept late events in their own period
+    without_catchup: Decimal  # the same if the catch-up is not billed yet
+
+
+@dataclass(frozen=True)
+class Reading:
+    """Which expectation the records agree with, if any."""
+
+    agrees: bool
+    timing: bool = False
+    clears: bool = False
+    break_at: str = "none"
+
+
+def judge(
+    facts: KeyFacts, meter: Meter | None, period: Period, segments: dict[int, Segment], evidence_limit: int
+) -> ReconLine:
+    if meter is None or not facts.customer_id:
+        return _unmapped(facts, meter, period, evidence_limit, None)
+    foreign = sorted({ln.currency for ln in facts.lines} - {meter.currency})
+    if foreign:
+        return _unmapped(facts, meter, period, evidence_limit, f"invoice lines in {', '.join(foreign)}, the meter is priced in {meter.currency}")
+    units = _units(facts, meter)
+    plan = _plan_in(meter, period, facts.customer_id)
+    usage = [ln for ln in facts.lines if ln.kind in ("usage", "proration")]
+    base_included, base_pricing = _terms_at(meter, period.start, facts.customer_id)
+    free = not usage and price(base_pricing, units.on_time - base_included) == 0
+    reading = _read(units, meter.tolerance, missing_line_is_free=free)
+    expected = _expected_amount(facts, meter, period, plan, segments)
+    usage_amount = sum((ln.amount for ln in usage), ZERO)
+    adjustments = sum((ln.amount for ln in facts.lines if ln.kind in ("credit", "adjustment")), ZERO)
+    is_proration = bool(plan) or any(ln.kind == "proration" for ln in facts.lines)
+    if reading.agrees:
+        # The usage lines must be priced right for the units they carry.
+        priced = expected if plan else round_money(price(base_pricing, units.invoiced - base_included), meter.currency)
+        rounding_drift = Decimal(max(len(usage) - 1, 0)).scaleb(-minor_exponent(meter.currency))
+        gap = priced - usage_amount
+        if abs(gap) <= rounding_drift:
+            klass, cause = _agreed(units, reading, adjustments, is_proration, bool(plan), meter.currency, usage)
+            break_at = reading.break_at
+        else:
+            klass, break_at = ("under_bill" if gap > 0 else "over_bill"), "billing"
+            cause = _mispriced(units.invoiced, usage_amount, priced, is_proration, adjustments, meter.currency)
+    else:
+        klass, break_at = _direction(units), reading.break_at
+        cause = _unit_cause(units, facts, adjustments, meter.currency, usage)
+    included = _included(meter, period, plan, facts.customer_id)
+    return ReconLine(
+        customer_id=facts.customer_id,
+        meter=facts.meter,
+        period=period,
+        raw_units=units.raw,
+        late_units=units.late,
+        catchup_units=units.catchup,
+        metered_units=units.metered,
+        invoiced_units=units.invoiced,
+        incurred_overage=max(units.raw - included, ZERO),
+        invoiced_overage=max(units.invoiced - included, ZERO),
+        expected_amount=expected,
+        invoiced_amount=round_money(usage_amount + adjustments, meter.currency),
+        credit_amount=round_money(adjustments, meter.currency),
+        delta_units=units.raw - units.invoiced,
+        delta_amount=round_money(expected - usage_amount - adjustments, meter.currency),
+        currency=meter.currency,
+        klass=klass,
+        break_at=break_at,
+        cause=_with_duplicates(cause, facts),
+        evidence=_evidence(facts, evidence_limit, reading.clears),
+    )
+
+
+def _units(facts: KeyFacts, meter: Meter) -> Units:
+    def convert(raw: Decimal) -> Decimal:
+        return billable_units(raw, meter.unit_size, meter.rounding, meter.precision)
+
+    raw = convert(facts.raw)
+    own_on_time = convert(facts.raw - facts.late)
+    on_time = convert(facts.raw - facts.late + facts.catchup)
+    return Units(
+        raw=raw,
+        late=raw - own_on_time,
+        catchup=on_time - own_on_time,
+        metered=convert(facts.metered) if facts.metered is not None else ZERO,
+        invoiced=sum((ln.quantity for ln in facts.lines if ln.kind in ("usage", "proration")), ZERO),
+        on_time=on_time,
+        with_late=convert(facts.raw + facts.catchup),
+        without_catchup=own_on_time,
+    )
+
+
+def _near(a: Decimal, b: Decimal, tolerance: Decimal) -> bool:
+    return abs(a - b) <= tolerance
+
+
+def _read(units: Units, tolerance: Decimal, missing_line_is_free: bool) -> Reading:
+    """The first expectation that both the meter and the invoice agree with.
+
+    A key with no invoice line whose usage costs nothing agrees on billing: a
+    platform need not print a zero line.
+    """
+    readings = [(units.on_time, units.late > 0, units.catchup > 0)]
+    if units.late > 0:
+        readings.append((units.with_late, False, units.catchup > 0))
+    if units.catchup > 0:
+        readings.append((units.without_catchup, units.late > 0, False))
+    billing_ok = _near(units.invoiced, units.metered, tolerance) or missing_line_is_free
+    for expected, timing, clears in readings:
+        if _near(units.metered, expected, tolerance) and billing_ok:
+            return Reading(agrees=True, timing=timing, clears=clears, break_at="metering" if timing else "none")
+    metering_ok = any(_near(units.metered, expected, tolerance) for expected, _, _ in readings)
+    if metering_ok:
+        return Reading(agrees=False, break_at="billing")
+    return Reading(agrees=False, break_at="metering" if billing_ok else "both")
+
+
+def _direction(units: Units) -> str:
+    """Under- or over-bill by the invoice's units against what should be on it."""
+    if units.invoiced < units.on_time:
+        return "under_bill"
+    if units.invoiced > units.on_time:
+        return "over_bill"
+    return "under_bill" if units.metered < units.on_time else "over_bill"
+
+
+def _applies(change: PlanChange, customer: str) -> bool:
+    return change.customer is None or change.customer == customer
+
+
+def _plan_in(meter: Meter, period: Period, customer: str) -> tuple[PlanChange, ...]:
+    """The customer's plan changes that take effect inside the period (not at its start)."""
+    return tuple(
+        c for c in meter.plan if period.start < c.effective < period.end and _applies(c, customer)
+    )
+
+
+def _terms_at(meter: Meter, moment: datetime, customer: str) -> tuple[Decimal, Pricing]:
+    """Included units and pricing in force for the customer at `moment`."""
+    included, pricing = meter.included, meter.pricing
+    for change in meter.plan:
+        if change.effective <= moment and _applies(change, customer):
+            included, pricing = change.included, change.pricing
+    return included, pricing
+
+
+def _included(meter: Meter, period: Period, plan: tuple[PlanChange, ...], customer: str) -> Decimal:
+    """Included units for the period, prorated by time across plan changes."""
+    if not plan:
+        return _terms_at(meter, period.start, customer)[0]
+    length = Decimal((period.end - period.start).total_seconds())
+    edges = [period.start, *(c.effective for c in plan), period.end]
+    total = ZERO
+    for start, end in zip(edges, edges[1:], strict=False):
+        share = Decimal((end - start).total_seconds()) / length
+        total += _terms_at(meter, start, customer)[0] * share
+    return total
+
+
+def _expected_amount(
+    facts: KeyFacts, meter: Meter, period: Period, plan: tuple[PlanChange, ...], segments: dict[int, Segment]
+) -> Decimal:
+    """The price of the incurred units over the included ones, prorated across plan changes."""
+    if not plan:
+        included, pricing = _terms_at(meter, period.start, facts.customer_id)
+        units = billable_units(facts.raw, meter.unit_size, meter.rounding, meter.precision)
+        return round_money(price(pricing, units - included), meter.currency)
+    length = Decimal((period.end - period.start).total_seconds())
+    total = ZERO
+    for index, segment in segments.items():
+        if segment.period_index != facts.period_index:
+            continue
+        included, pricing = _terms_at(meter, segment.start, facts.customer_id)
+        share = Decimal((segment.end - segment.start).total_seconds()) / length
+        units = billable_units(facts.segment_raw.get(index, ZERO), meter.unit_size, meter.rounding, meter.precision)
+        total += price(pricing, units - included * share)
+    return round_money(total, meter.currency)
+
+
+def _agreed(
+    units: Units, reading: Reading, adjustments: Decimal, is_proration: bool, planned: bool, currency: str, usage: list[InvoiceLine]
+) -> tuple[str, str]:
+    if adjustments != 0:
+        word = "credit" if adjustments < 0 else "adjustment"
+        return "credit", f"units agree; a {word} of {_money(abs(adjustments), currency)} explains the difference"
+    if is_proration:
+        how = "prorated across the plan change" if planned else "with a proration line (plan change not in config: amount not re-priced)"
+        return "proration", f"units agree; priced {how}"
+    if reading.timing:
+        return "timing", (
+            f"{units.late} late units received after the cutoff; expected next cycle"
+        )
+    if not usage:
+        return "match", "no invoice line; usage within included units"
+    if reading.clears:
+        return "match", f"agrees, including {units.catchup} catch-up units from an earlier period"
+    return "match", "raw, metered and invoiced agree"
+
+
+def _mispriced(
+    invoiced: Decimal, charged: Decimal, priced: Decimal, is_proration: bool, adjustments: Decimal, currency: str
+) -> str:
+    what = "prorated amount" if is_proration else "amount"
+    cause = f"units agree but {invoiced} units are charged {_money(charged, currency)}; the {what} should be {_money(priced, currency)}"
+    if adjustments:
+        cause += f"; a credit of {_money(abs(adjustments), currency)} explains part"
+    return cause
+
+
+def _unit_cause(units: Units, facts: KeyFacts, adjustments: Decimal, currency: str, usage: list[InvoiceLine]) -> str:
+    parts = []
+    if not usage:
+        parts.append(f"no invoice line for {units.on_time} units")
+    elif not facts.raw and not facts.catchup:
+        parts.append(f"invoiced {units.invoiced} units with no usage")
+    elif units.invoiced != units.metered:
+        parts.append(f"invoice has {units.invoiced} units, the meter {units.metered}")
+    if units.metered != units.on_time:
+        if facts.metered is None:
+            parts.append(f"the meter has no record of {units.on_time} units")
+        else:
+            parts.append(f"the meter has {units.metered} units, raw usage {units.on_time}")
+    if units.late:
+        parts.append(f"{units.late} late units expected next cycle")
+    if adjustments:
+        parts.append(f"a credit of {_money(abs(adjustments), currency)} explains part")
+    return "; ".join(parts) or "units disagree"
+
+
+def _with_duplicates(cause: str, facts: KeyFacts) -> str:
+    if not facts.dropped_copies:
+        return cause
+    note = f"{facts.dropped_copies} duplicate events ignored"
+    if facts.conflicting_copies:
+        note += f" ({facts.conflicting_copies} with differing quantities; the first received was kept)"
+    return f"{cause}; {note}"
+
+
+def _money(amount: Decimal, currency: str) -> str:
+    return f"{round_money(amount, currency)} {currency.upper()}"
+
+
+def _evidence(facts: KeyFacts, limit: int, clears: bool) -> Evidence:
+    def first(ids: list[str]) -> tuple[str, ...]:
+        return tuple(sorted(set(ids))[:limit])
+
+    return Evidence(
+        duplicate_event_ids=first(facts.duplicate_ids),
+        late_event_ids=first(facts.late_ids),
+        catchup_event_ids=first(facts.catchup_ids),
+        invoice_line_ids=tuple(sorted(ln.line_id for ln in facts.lines)),
+        invoice_ids=tuple(sorted({ln.invoice_id for ln in facts.lines})),
+        clears=tuple(TimingRef(facts.customer_id, facts.meter, p) for p in sorted(facts.clears)) if clears else (),
+    )
+
+
+def _unmapped(facts: KeyFacts, meter: Meter | None, period: Period, limit: int, why: str | None) -> ReconLine:
+    currencies = sorted({ln.currency for ln in facts.lines})
+    currency = meter.currency if meter else (currencies[0] if currencies else "")
+    invoiced = sum((ln.quantity for ln in facts.lines if ln.kind in ("usage", "proration")), ZERO)
+    amount = sum((ln.amount for ln in facts.lines), ZERO)
+    if why:
+        cause = why
+    elif meter is None:
+        cause = f"meter {facts.meter!r} is not in the config" if facts.meter else "record has no meter"
+    else:
+        cause = "record has no customer id"
+    exponent = minor_exponent(currency) if currency else 2
+    money = amount.quantize(Decimal(1).scaleb(-exponent)) if currency else amount
+    return ReconLine(
+        customer_id=facts.customer_id,
+        meter=facts.meter,
+        period=period,
+        raw_units=facts.raw,
+        late_units=facts.late,
+        catchup_units=facts.catchup,
+        metered_units=facts.metered or ZERO,
+        invoiced_units=invoiced,
+        incurred_overage=ZERO,
+        invoiced_overage=ZERO,
+        expected_amount=ZERO,
+        invoiced_amount=money,
+        credit_amount=ZERO,
+        delta_units=facts.raw - invoiced,
+        delta_amount=-money,
+        currency=currency,
+        klass="unmapped",
+        break_at="none",
+        cause=cause,
+        evidence=_evidence(facts, limit, clears=False),
+    )

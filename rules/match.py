@@ -1,0 +1,111 @@
+"""The three-way join: raw aggregates, metered rows and invoice lines, by key.
+
+A key is customer × meter × period. A metered row or an invoice line belongs to
+the period that contains its `[period_start, period_end)`; one that no period of
+the run contains is out of scope and counted as such, never silently dropped.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from decimal import Decimal
+
+from rules.models import InvoiceLine, MeteredRecord, RawAggregate
+from rules.timeline import Timeline
+
+ZERO = Decimal(0)
+Key = tuple[str, str, int]
+
+
+@dataclass
+class KeyFacts:
+    """Everything the three records say about one key, in raw units."""
+
+    customer_id: str
+    meter: str
+    period_index: int
+    raw: Decimal = ZERO
+    late: Decimal = ZERO
+    catchup: Decimal = ZERO
+    segment_raw: dict[int, Decimal] = field(default_factory=dict)
+    metered: Decimal | None = None
+    lines: list[InvoiceLine] = field(default_factory=list)
+    late_ids: list[str] = field(default_factory=list)
+    catchup_ids: list[str] = field(default_factory=list)
+    duplicate_ids: list[str] = field(default_factory=list)
+    dropped_copies: int = 0
+    conflicting_copies: int = 0
+    clears: set[str] = field(default_factory=set)
+
+
+@dataclass
+class Joined:
+    facts: dict[Key, KeyFacts]
+    out_of_scope_metered: int = 0
+    out_of_scope_lines: int = 0
+
+
+def join(
+    timeline: Timeline,
+    raw: Iterable[RawAggregate],
+    metered: Iterable[MeteredRecord],
+    lines: Iterable[InvoiceLine],
+    customers: frozenset[str] = frozenset(),
+) -> Joined:
+    """Group the three records by key; `customers`, when given, keeps only those."""
+    joined = Joined(facts={})
+    wanted = (lambda c: c in customers) if customers else (lambda c: True)
+    for aggregate in raw:
+        if wanted(aggregate.customer_id):
+            _add_raw(joined.facts, timeline, aggregate)
+    for record in metered:
+        index = timeline.period_of(record.period_start, record.period_end)
+        if index is None:
+            joined.out_of_scope_metered += 1
+        elif wanted(record.customer_id):
+            facts = _facts(joined.facts, record.customer_id, record.meter, index)
+            facts.metered = (facts.metered or ZERO) + record.quantity
+    for line in lines:
+        index = timeline.period_of(line.period_start, line.period_end)
+        if index is None:
+            joined.out_of_scope_lines += 1
+        elif wanted(line.customer_id):
+            _facts(joined.facts, line.customer_id, line.meter, index).lines.append(line)
+    return joined
+
+
+def _facts(facts: dict[Key, KeyFacts], customer: str, meter: str, index: int) -> KeyFacts:
+    key = (customer, meter, index)
+    found = facts.get(key)
+    if found is None:
+        found = facts[key] = KeyFacts(customer, meter, index)
+    return found
+
+
+def _add_raw(facts: dict[Key, KeyFacts], timeline: Timeline, aggregate: RawAggregate) -> None:
+    periods = len(timeline.periods)
+    own: KeyFacts | None = None
+    if aggregate.segment is not None:
+        own = _facts(facts, aggregate.customer_id, aggregate.meter, timeline.segments[aggregate.segment].period_index)
+        own.raw += aggregate.quantity
+        own.segment_raw[aggregate.segment] = own.segment_raw.get(aggregate.segment, ZERO) + aggregate.quantity
+        own.duplicate_ids.extend(aggregate.duplicate_event_ids)
+        own.dropped_copies += aggregate.dropped_copies
+        own.conflicting_copies += aggregate.conflicting_copies
+        if aggregate.receiving is not None:
+            own.late += aggregate.quantity
+            own.late_ids.extend(aggregate.late_event_ids)
+    receiving = aggregate.receiving
+    if receiving is None or not 0 <= receiving < periods:
+        return
+    target = _facts(facts, aggregate.customer_id, aggregate.meter, receiving)
+    target.catchup += aggregate.quantity
+    target.catchup_ids.extend(aggregate.late_event_ids)
+    if own is not None:
+        target.clears.add(timeline.periods[own.period_index].label)
+    else:
+        target.clears.update(aggregate.origin_periods)
+        target.duplicate_ids.extend(aggregate.duplicate_event_ids)
+        target.dropped_copies += aggregate.dropped_copies
+        target.conflicting_copies += aggregate.conflicting_copies

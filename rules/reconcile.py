@@ -1,0 +1,52 @@
+"""One reconciliation: the three records in, one verdict per key out, sorted."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Iterable
+
+from rules.classify import judge
+from rules.config import Config
+from rules.match import Joined, join
+from rules.models import InvoiceLine, MeteredRecord, Period, RawAggregate, ReconLine, Report
+from rules.timeline import Timeline
+
+CALCULATION_VERSION = "1"
+
+
+def reconcile(
+    config: Config,
+    timeline: Timeline,
+    raw: Iterable[RawAggregate],
+    metered: Iterable[MeteredRecord],
+    lines: Iterable[InvoiceLine],
+    run_id: str,
+    customers: frozenset[str] = frozenset(),
+) -> tuple[Report, Joined]:
+    joined = join(timeline, raw, metered, lines, customers)
+    segments = dict(enumerate(timeline.segments))
+    verdicts = [
+        judge(facts, config.meters.get(facts.meter), timeline.periods[facts.period_index], segments, config.evidence_limit)
+        for facts in joined.facts.values()
+    ]
+    verdicts.sort(key=ReconLine.sort_key.fget)  # type: ignore[arg-type]
+    return Report(run_id=run_id, periods=timeline.periods, lines=tuple(verdicts)), joined
+
+
+def run_id_for(
+    config_fingerprint: str,
+    input_fingerprints: dict[str, str],
+    periods: tuple[Period, ...],
+    customers: frozenset[str],
+) -> str:
+    """The same config, inputs, periods and customers always make the same run id."""
+    basis = {
+        "calculation": CALCULATION_VERSION,
+        "config": config_fingerprint,
+        "inputs": input_fingerprints,
+        "periods": [[p.start.isoformat(), p.end.isoformat()] for p in periods],
+        "customers": sorted(customers),
+    }
+    digest = hashlib.sha256(json.dumps(basis, sort_keys=True).encode()).hexdigest()
+    return f"run_{digest[:20]}"

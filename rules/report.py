@@ -1,0 +1,114 @@
+"""The report in the contract's JSON shape, its summary, and its CSV columns.
+
+Numbers are written as plain decimal strings (never exponents, never floats), so
+the same inputs always give the same bytes.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from decimal import Decimal
+from typing import Any
+
+from rules.models import CLASSES, Period, ReconLine, Report
+from rules.pricing import round_money
+
+CSV_COLUMNS = (
+    "customer_id", "meter", "period", "period_start", "period_end", "raw_units", "late_units",
+    "catchup_units", "metered_units", "invoiced_units", "incurred_overage", "invoiced_overage",
+    "expected_amount", "invoiced_amount", "credit_amount", "delta_units", "delta_amount",
+    "currency", "class", "break_at", "cause", "duplicate_event_ids", "late_event_ids",
+    "catchup_event_ids", "invoice_line_ids", "invoice_ids", "clears",
+)
+
+
+def number(value: Decimal) -> str:
+    """A decimal as plain positional text: `1E+3` is written `1000`, `-0` is `0`."""
+    text = format(value, "f")
+    return text[1:] if text.startswith("-") and not value else text
+
+
+def period_json(period: Period) -> dict[str, str]:
+    return {"start": period.start.isoformat(), "end": period.end.isoformat(), "label": period.label}
+
+
+def line_json(line: ReconLine) -> dict[str, Any]:
+    evidence = line.evidence
+    return {
+        "customer_id": line.customer_id,
+        "meter": line.meter,
+        "period": line.period.label,
+        "period_start": line.period.start.isoformat(),
+        "period_end": line.period.end.isoformat(),
+        "raw_units": number(line.raw_units),
+        "late_units": number(line.late_units),
+        "catchup_units": number(line.catchup_units),
+        "metered_units": number(line.metered_units),
+        "invoiced_units": number(line.invoiced_units),
+        "incurred_overage": number(line.incurred_overage),
+        "invoiced_overage": number(line.invoiced_overage),
+        "expected_amount": number(line.expected_amount),
+        "invoiced_amount": number(line.invoiced_amount),
+        "credit_amount": number(line.credit_amount),
+        "delta_units": number(line.delta_units),
+        "delta_amount": number(line.delta_amount),
+        "currency": line.currency,
+        "class": line.klass,
+        "break_at": line.break_at,
+        "cause": line.cause,
+        "evidence": {
+            "duplicate_event_ids": list(evidence.duplicate_event_ids),
+            "late_event_ids": list(evidence.late_event_ids),
+            "catchup_event_ids": list(evidence.catchup_event_ids),
+            "invoice_line_ids": list(evidence.invoice_line_ids),
+            "invoice_ids": list(evidence.invoice_ids),
+            "clears": [
+                {"customer_id": ref.customer_id, "meter": ref.meter, "period": ref.period}
+                for ref in evidence.clears
+            ],
+        },
+    }
+
+
+def summary_json(lines: tuple[ReconLine, ...] | list[ReconLine]) -> dict[str, Any]:
+    """Counts and amounts by class; `amount` is null when a class mixes currencies."""
+    counts: dict[str, int] = dict.fromkeys(CLASSES, 0)
+    amounts: dict[str, dict[str, Decimal]] = {c: defaultdict(Decimal) for c in CLASSES}
+    for line in lines:
+        counts[line.klass] += 1
+        amounts[line.klass][line.currency] += line.delta_amount
+    classes = {}
+    for klass in CLASSES:
+        by_currency = {cur: number(round_money(total, cur)) for cur, total in sorted(amounts[klass].items()) if cur}
+        single = next(iter(by_currency.values())) if len(by_currency) == 1 else None
+        classes[klass] = {
+            "count": counts[klass],
+            "amount": single if by_currency else "0.00",
+            "amounts": by_currency,
+        }
+    return {"keys": len(lines), "matched": counts["match"], "classes": classes}
+
+
+def report_json(report: Report, extra: dict[str, Any] | None = None) -> dict[str, Any]:
+    """The whole report; `extra` adds summary facts such as out-of-scope counts."""
+    summary = summary_json(report.lines)
+    summary.update(extra or {})
+    periods = report.periods
+    return {
+        "run_id": report.run_id,
+        "period": {
+            "start": periods[0].start.isoformat(),
+            "end": periods[-1].end.isoformat(),
+            "periods": [p.label for p in periods],
+        },
+        "summary": summary,
+        "lines": [line_json(line) for line in report.lines],
+    }
+
+
+def csv_row(line: dict[str, Any]) -> list[str]:
+    """One report line (as `line_json` gives it) flattened for CSV; id lists joined by spaces."""
+    evidence = line["evidence"]
+    flat = {**line, **{k: " ".join(v) for k, v in evidence.items() if k != "clears"}}
+    flat["clears"] = " ".join(f"{c['customer_id']}/{c['meter']}/{c['period']}" for c in evidence["clears"])
+    return [str(flat[column]) for column in CSV_COLUMNS]
