@@ -63,7 +63,7 @@ def generate(out: Path, customers: int, meters: int, events: int, formats: list[
     # every 107th has no invoice line, every 109th has a duplicated event and every
     # 113th a late one.
     con.execute(
-        f"""
+        """
         CREATE TEMP TABLE book AS
         SELECT *, ts + CASE WHEN k % 113 = 0 AND hash(event_id) % 20 = 0
                             THEN INTERVAL 40 DAY ELSE INTERVAL 5 MINUTE END AS received_at

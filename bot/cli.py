@@ -21,7 +21,7 @@ from bot.service import SourcePaths, reconcile_files
 from bot.store import Store, StoreError
 from connectors.base import InputError
 from rules.config import Config, ConfigError, parse_config
-from rules.periods import PeriodError, parse_period
+from rules.periods import PeriodError, parse_periods
 
 USER_ERRORS = (InputError, ConfigError, PeriodError, StoreError)
 
@@ -77,15 +77,23 @@ def main() -> None:
 @click.option("--all", "show_all", is_flag=True, help="With --format table, list matched keys too.")
 @user_errors
 def reconcile(
-    config_path: Path | None, raw: Path | None, metered: Path | None, invoiced: Path | None,
-    period: str | None, customers: tuple[str, ...], fmt: str, out: Path | None, route: bool, show_all: bool,
+    config_path: Path | None,
+    raw: Path | None,
+    metered: Path | None,
+    invoiced: Path | None,
+    period: str | None,
+    customers: tuple[str, ...],
+    fmt: str,
+    out: Path | None,
+    route: bool,
+    show_all: bool,
 ) -> None:
     """Run one reconciliation and print its report."""
     settings = Settings.from_env()
     config_path = config_path or settings.config_path
     config = load_config(config_path)
     sources = resolve_sources(config, config_path, raw, metered, invoiced)
-    periods = (parse_period(period, config.period.zone),) if period else None
+    periods = parse_periods(period, config.period.zone) if period else None
     store = Store.open(settings.database_url)
     result = reconcile_files(config, sources, periods, store, frozenset(customers), progress_bar())
     write_report(result.report, fmt, out, show_all)
@@ -131,7 +139,12 @@ def progress_bar() -> Callable[[duckdb.DuckDBPyConnection, threading.Event], Non
         return None
 
     def watch(con: duckdb.DuckDBPyConnection, done: threading.Event) -> None:
-        columns = (TextColumn("scanning raw events"), BarColumn(), TextColumn("{task.percentage:>3.0f}%"), TimeElapsedColumn())
+        columns = (
+            TextColumn("scanning raw events"),
+            BarColumn(),
+            TextColumn("{task.percentage:>3.0f}%"),
+            TimeElapsedColumn(),
+        )
         with Progress(*columns, console=Console(stderr=True), transient=True) as bar:
             task = bar.add_task("scan", total=100)
             while not done.wait(0.2):

@@ -9,7 +9,8 @@ The book covers September and October 2026. Each customer carries one story:
 | cus_wonka      | usage metered, but no invoice line                              | under_bill (Oct)    |
 | cus_initech    | five events sent twice, and the meter counted both copies       | over_bill (Oct)     |
 | cus_cyberdyne  | the invoice carries 10 units more than the meter                | over_bill (Oct)     |
-| cus_umbrella   | 20,000 calls reached the store after September's cutoff         | timing (Sep), cleared by October's catch-up |
+| cus_umbrella   | 20,000 calls reached the store after September's cutoff         | timing (Sep)        |
+|                | and October's invoice carries them (catch-up)                    | match (Oct), clears |
 | cus_hooli      | units agree, and a goodwill credit was given                     | credit (Oct)        |
 | cus_stark      | plan upgraded on 16 October                                      | proration (Oct)     |
 | cus_wayne      | an invoice line for a meter nobody configured                    | unmapped (Oct)      |
@@ -31,6 +32,7 @@ from bot import render
 from bot.config import Settings
 from bot.service import SourcePaths, reconcile_files
 from bot.store import Store
+from connectors.files import INVOICED_COLUMNS, METERED_COLUMNS, RAW_FIELDS
 from rules.config import parse_config
 from rules.routing import destinations
 
@@ -105,8 +107,16 @@ class Book:
     invoiced: list[list[str]] = field(default_factory=list)
 
     def events(
-        self, customer: str, meter: str, span: tuple[datetime, datetime], total: int, count: int,
-        *, tag: str = "", received_late: bool = False, repeat: int = 0,
+        self,
+        customer: str,
+        meter: str,
+        span: tuple[datetime, datetime],
+        total: int,
+        count: int,
+        *,
+        tag: str = "",
+        received_late: bool = False,
+        repeat: int = 0,
     ) -> None:
         """`count` events adding up to `total`, spread over `span`; `repeat` of them sent twice."""
         start, end = span
@@ -125,13 +135,29 @@ class Book:
         self.metered.append([customer, meter, _iso(span[0]), _iso(span[1]), str(quantity)])
 
     def line(
-        self, customer: str, meter: str, span: tuple[datetime, datetime], quantity: int, amount: str,
-        kind: str = "usage", line_no: int = 1,
+        self,
+        customer: str,
+        meter: str,
+        span: tuple[datetime, datetime],
+        quantity: int,
+        amount: str,
+        kind: str = "usage",
+        line_no: int = 1,
     ) -> None:
         invoice = f"in_{customer.removeprefix('cus_')}_{span[0]:%Y%m}"
         self.invoiced.append(
-            [invoice, f"il_{customer.removeprefix('cus_')}_{meter}_{span[0]:%Y%m%d}_{line_no}", customer, meter,
-             _iso(span[0]), _iso(span[1]), str(quantity), amount, "usd", kind]
+            [
+                invoice,
+                f"il_{customer.removeprefix('cus_')}_{meter}_{span[0]:%Y%m%d}_{line_no}",
+                customer,
+                meter,
+                _iso(span[0]),
+                _iso(span[1]),
+                str(quantity),
+                amount,
+                "usd",
+                kind,
+            ]
         )
 
 
@@ -165,7 +191,9 @@ def sample_book() -> Book:
     book.line("cus_cyberdyne", "api_calls", OCT, 85, "70.00")
 
     book.events("cus_umbrella", "api_calls", SEP, 80_000, 16)
-    book.events("cus_umbrella", "api_calls", (SEP[1] - timedelta(days=2), SEP[1]), 20_000, 4, tag="late", received_late=True)
+    book.events(
+        "cus_umbrella", "api_calls", (SEP[1] - timedelta(days=2), SEP[1]), 20_000, 4, tag="late", received_late=True
+    )
     book.meter("cus_umbrella", "api_calls", SEP, 80_000)
     book.line("cus_umbrella", "api_calls", SEP, 80, "60.00")
     book.events("cus_umbrella", "api_calls", OCT, 60_000, 12)
@@ -195,19 +223,15 @@ def write_book(folder: Path) -> Path:
     """Write the sample book and its config into `folder`; returns the config's path."""
     folder.mkdir(parents=True, exist_ok=True)
     book = sample_book()
-    _write_csv(folder / "raw_events.csv", ["event_id", "customer_id", "meter", "timestamp", "quantity", "received_at"], book.raw)
-    _write_csv(folder / "metered.csv", ["customer_id", "meter", "period_start", "period_end", "quantity"], book.metered)
-    _write_csv(
-        folder / "invoiced.csv",
-        ["invoice_id", "line_id", "customer_id", "meter", "period_start", "period_end", "quantity", "amount", "currency", "kind"],
-        book.invoiced,
-    )
+    _write_csv(folder / "raw_events.csv", RAW_FIELDS, book.raw)
+    _write_csv(folder / "metered.csv", METERED_COLUMNS, book.metered)
+    _write_csv(folder / "invoiced.csv", INVOICED_COLUMNS, book.invoiced)
     config = folder / "recon.toml"
     config.write_text(CONFIG, encoding="utf-8")
     return config
 
 
-def _write_csv(path: Path, header: list[str], rows: list[list[str]]) -> None:
+def _write_csv(path: Path, header: tuple[str, ...], rows: list[list[str]]) -> None:
     with path.open("w", newline="", encoding="utf-8") as handle:
         writer = csv.writer(handle)
         writer.writerow(header)
@@ -246,7 +270,11 @@ def print_routing(report: dict, routes: tuple, console: Console) -> None:  # typ
             continue
         targets = destinations(line, routes) or ["(no route)"]
         table.add_row(
-            line["customer_id"], line["meter"], line["period"], line["class"],
-            f"{line['delta_amount']} {line['currency'].upper()}", ", ".join(targets),
+            line["customer_id"],
+            line["meter"],
+            line["period"],
+            line["class"],
+            f"{line['delta_amount']} {line['currency'].upper()}",
+            ", ".join(targets),
         )
     console.print(table)

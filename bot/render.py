@@ -13,8 +13,13 @@ from rich.table import Table
 from rules.report import CSV_COLUMNS, csv_row
 
 CLASS_STYLE = {
-    "match": "green", "under_bill": "bold red", "over_bill": "bold magenta", "timing": "yellow",
-    "credit": "cyan", "proration": "blue", "unmapped": "bold white",
+    "match": "green",
+    "under_bill": "bold red",
+    "over_bill": "bold magenta",
+    "timing": "yellow",
+    "credit": "cyan",
+    "proration": "blue",
+    "unmapped": "bold white",
 }
 
 
@@ -44,17 +49,30 @@ def print_table(report: dict[str, Any], console: Console, show_matches: bool = F
         return
     table = Table(title="Discrepancies" if not show_matches else "Keys", show_lines=False)
     for column, justify in (
-        ("customer", "left"), ("meter", "left"), ("period", "left"), ("raw", "right"),
-        ("metered", "right"), ("invoiced", "right"), ("Δ amount", "right"), ("class", "left"),
+        ("customer", "left"),
+        ("meter", "left"),
+        ("period", "left"),
+        ("raw", "right"),
+        ("metered", "right"),
+        ("invoiced", "right"),
+        ("Δ amount", "right"),
+        ("class", "left"),
         ("break at", "left"),
     ):
         table.add_column(column, justify=justify, no_wrap=True)  # type: ignore[arg-type]
     table.add_column("cause", overflow="fold", min_width=30)
     for ln in lines:
         table.add_row(
-            ln["customer_id"], ln["meter"], ln["period"], ln["raw_units"], ln["metered_units"],
-            ln["invoiced_units"], f"{ln['delta_amount']} {ln['currency'].upper()}",
-            f"[{CLASS_STYLE[ln['class']]}]{ln['class']}[/]", ln["break_at"], ln["cause"],
+            ln["customer_id"],
+            ln["meter"],
+            ln["period"],
+            ln["raw_units"],
+            ln["metered_units"],
+            ln["invoiced_units"],
+            f"{ln['delta_amount']} {ln['currency'].upper()}",
+            f"[{CLASS_STYLE[ln['class']]}]{ln['class']}[/]",
+            ln["break_at"],
+            ln["cause"],
         )
     console.print(table)
 
@@ -62,9 +80,7 @@ def print_table(report: dict[str, Any], console: Console, show_matches: bool = F
 def print_summary(report: dict[str, Any], console: Console) -> None:
     summary = report["summary"]
     periods = ", ".join(report["period"].get("periods", [])) or report["period"].get("label", "")
-    console.print(
-        f"[bold]Run {report['run_id']}[/] · {periods} · {summary['keys']} keys, {summary['matched']} matched"
-    )
+    console.print(f"[bold]Run {report['run_id']}[/] · {periods} · {summary['keys']} keys, {summary['matched']} matched")
     table = Table(show_header=True, box=None, padding=(0, 2))
     table.add_column("class")
     table.add_column("keys", justify="right")

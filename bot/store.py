@@ -43,8 +43,10 @@ class RunRecord:
 def sqlite_path(url: str) -> str:
     """`sqlite:///recon.db` → `recon.db`; `sqlite:////abs/x.db` → `/abs/x.db`."""
     if not url.startswith("sqlite:///"):
-        raise StoreError(f"RECON_DATABASE_URL: expected sqlite:///path or postgresql://... (got {url.split(':')[0]}:...)")
-    return url[len("sqlite:///"):] or ":memory:"
+        raise StoreError(
+            f"RECON_DATABASE_URL: expected sqlite:///path or postgresql://... (got {url.split(':')[0]}:...)"
+        )
+    return url[len("sqlite:///") :] or ":memory:"
 
 
 def now() -> str:
@@ -81,7 +83,7 @@ class Store:
         if meta.exists():
             found = self.db.execute("SELECT max(version) FROM schema_version").fetchone()[0] or 0
         for version in range(found + 1, SCHEMA_VERSION + 1):
-            with self.db.conn:
+            with self.db.atomic():
                 MIGRATIONS[version](self.db)
                 self.db["schema_version"].insert({"version": version, "applied_at": now()})
         return found
@@ -95,7 +97,16 @@ class Store:
         """Store a finished run with its lines and discrepancies; False if it was already stored."""
         if self.run_exists(record.run_id):
             return False
-        with self.db.conn:
+        try:
+            self._insert_run(record, summary, lines)
+        except sqlite3.IntegrityError:
+            if self.run_exists(record.run_id):
+                return False  # another process stored the same run first
+            raise
+        return True
+
+    def _insert_run(self, record: RunRecord, summary: dict[str, Any], lines: list[dict[str, Any]]) -> None:
+        with self.db.atomic():
             self.db["runs"].insert(
                 {
                     **record.__dict__,
@@ -112,7 +123,6 @@ class Store:
             )
             self._record_discrepancies(record.run_id, lines)
             self._watch(record.run_id, lines)
-        return True
 
     def _record_discrepancies(self, run_id: str, lines: list[dict[str, Any]]) -> None:
         rows = [
@@ -151,9 +161,10 @@ class Store:
         if not rows:
             return None
         run = rows[0]
-        lines = [json.loads(r["line"]) for r in self.db.query(
-            "SELECT line FROM run_lines WHERE run_id = ? ORDER BY position", [run_id]
-        )]
+        lines = [
+            json.loads(r["line"])
+            for r in self.db.query("SELECT line FROM run_lines WHERE run_id = ? ORDER BY position", [run_id])
+        ]
         return {
             "run_id": run_id,
             "status": run["status"],
@@ -173,9 +184,7 @@ class Store:
             clauses.append("(period_label = ? OR period_label LIKE ? || '..%')")
             params += [filters["period"], filters["period"]]
         if filters.get("customer_id"):
-            clauses.append(
-                "(customer_id = ? OR run_id IN (SELECT run_id FROM run_lines WHERE customer_id = ?))"
-            )
+            clauses.append("(customer_id = ? OR run_id IN (SELECT run_id FROM run_lines WHERE customer_id = ?))")
             params += [filters["customer_id"], filters["customer_id"]]
         where = f"WHERE {' AND '.join(clauses)}" if clauses else ""
         sql = f"""SELECT run_id, invoice_id, customer_id, period_label AS period, status, created_at,
@@ -203,7 +212,9 @@ class Store:
                        WHERE customer_id = ? AND meter = ? AND period = ? AND status = 'open'""",
                     [
                         json.dumps({"run_id": run_id, "invoice_id": _first_invoice(line), "period": line["period"]}),
-                        ref["customer_id"], ref["meter"], ref["period"],
+                        ref["customer_id"],
+                        ref["meter"],
+                        ref["period"],
                     ],
                 )
 
@@ -211,15 +222,17 @@ class Store:
         where = "" if include_closed else "WHERE status = 'open'"
         items = []
         for row in self.db.query(f"SELECT * FROM watchlist {where} ORDER BY customer_id, meter, period"):
-            items.append({
-                "customer_id": row["customer_id"],
-                "meter": row["meter"],
-                "period": row["period"],
-                "status": row["status"],
-                "late_units": row["late_units"],
-                "opened_by": row["opened_by"],
-                "cleared_by": json.loads(row["cleared_by"]) if row["cleared_by"] else None,
-            })
+            items.append(
+                {
+                    "customer_id": row["customer_id"],
+                    "meter": row["meter"],
+                    "period": row["period"],
+                    "status": row["status"],
+                    "late_units": row["late_units"],
+                    "opened_by": row["opened_by"],
+                    "cleared_by": json.loads(row["cleared_by"]) if row["cleared_by"] else None,
+                }
+            )
         return items
 
     def ping(self) -> bool:

@@ -10,6 +10,7 @@ and field of a bad value.
 from __future__ import annotations
 
 import hashlib
+import tempfile
 import threading
 from collections.abc import Callable, Iterator
 from datetime import datetime
@@ -25,10 +26,19 @@ from rules.timeline import Timeline
 from rules.values import parse_decimal, parse_instant
 
 RAW_COLUMNS = ("event_id", "customer_id", "meter", "timestamp", "quantity")
+RAW_FIELDS = (*RAW_COLUMNS, "received_at")  # received_at is optional
 METERED_COLUMNS = ("customer_id", "meter", "period_start", "period_end", "quantity")
 INVOICED_COLUMNS = (
-    "invoice_id", "line_id", "customer_id", "meter", "period_start", "period_end",
-    "quantity", "amount", "currency", "kind",
+    "invoice_id",
+    "line_id",
+    "customer_id",
+    "meter",
+    "period_start",
+    "period_end",
+    "quantity",
+    "amount",
+    "currency",
+    "kind",
 )
 KINDS = ("usage", "credit", "proration", "adjustment")
 QUANTITY = "DECIMAL(38,12)"
@@ -36,9 +46,11 @@ _NUMERIC = ("TINYINT", "SMALLINT", "INTEGER", "BIGINT", "HUGEINT", "UTINYINT", "
 
 
 def connect(memory_limit: str = "1GB") -> duckdb.DuckDBPyConnection:
+    """A DuckDB connection in UTC, bounded in memory, spilling to the system's temp folder."""
     con = duckdb.connect()
     con.execute("SET TimeZone = 'UTC'")
     con.execute(f"SET memory_limit = '{memory_limit}'")
+    con.execute(f"SET temp_directory = {_quote_literal(str(Path(tempfile.gettempdir()) / 'recon-duckdb'))}")
     con.execute("SET preserve_insertion_order = false")
     return con
 
@@ -220,7 +232,7 @@ class RawEventsFile:
         progress: Callable[[duckdb.DuckDBPyConnection], Any] | None = None,
     ) -> list[RawAggregate]:
         types = self.table.require(RAW_COLUMNS, ("received_at",))
-        sql = aggregate_sql(self.table.relation(RAW_COLUMNS + ("received_at",)), types, timeline, evidence_limit, zone)
+        sql = aggregate_sql(self.table.relation(RAW_FIELDS), types, timeline, evidence_limit, zone)
         con = self.table.con
         try:
             with _Watch(con, progress):
@@ -237,7 +249,7 @@ class RawEventsFile:
         checks = _row_checks(columns)
         bad = " ".join(f"WHEN {test} THEN '{name}'" for name, test in checks)
         shown = " ".join(f"WHEN '{name}' THEN {_TEXT_OF[name]}" for name, _ in checks)
-        relation = self.table.relation(RAW_COLUMNS + ("received_at",))
+        relation = self.table.relation(RAW_FIELDS)
         sql = f"""
             SELECT n, bad, CASE bad {shown} END FROM (
                 SELECT row_number() OVER () - 1 AS n, CASE {bad} END AS bad, *
@@ -295,9 +307,7 @@ def _row_checks(columns: dict[str, str]) -> list[tuple[str, str]]:
     ]
 
 
-def aggregate_sql(
-    relation: str, types: dict[str, str], timeline: Timeline, evidence_limit: int, zone: str
-) -> str:
+def aggregate_sql(relation: str, types: dict[str, str], timeline: Timeline, evidence_limit: int, zone: str) -> str:
     """One query: validate, deduplicate by event_id, bucket on the timeline, sum."""
     columns = _event_columns(types)
     bad = "CASE " + " ".join(f"WHEN {test} THEN '{name}'" for name, test in _row_checks(columns)) + " END"
@@ -325,7 +335,7 @@ def aggregate_sql(
     events AS (
         SELECT *, 1 AS copies, false AS conflict FROM src ANTI JOIN dup_ids USING (event_id)
         UNION ALL
-        SELECT * EXCLUDE (copy) FROM dup_rows WHERE copy = 1
+        SELECT * EXCLUDE (copy) FROM dup_rows WHERE copy = 1 OR bad IS NOT NULL
     ),
     placed AS (
         SELECT *, {period} AS period_no, {segment} AS segment_no, {window} AS window_no
@@ -397,7 +407,7 @@ def _instant_sql(column: str, kind: str) -> str:
     text = f"trim(CAST({name} AS VARCHAR))"
     epoch = (
         f"CASE WHEN regexp_full_match({text}, '-?[0-9]+(\\.[0-9]{{1,6}})?') THEN CAST(make_timestamp("
-        f"CAST(CAST({text} AS DECIMAL(18,6)) * 1000000 AS BIGINT)) AS TIMESTAMPTZ) END"
+        f"CAST(CAST({text} AS DECIMAL(38,6)) * 1000000 AS BIGINT)) AS TIMESTAMPTZ) END"
     )
     return f"coalesce(TRY_CAST({text} AS TIMESTAMPTZ), {epoch})"
 

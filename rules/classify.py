@@ -54,7 +54,13 @@ def judge(
         return _unmapped(facts, meter, period, evidence_limit, None)
     foreign = sorted({ln.currency for ln in facts.lines} - {meter.currency})
     if foreign:
-        return _unmapped(facts, meter, period, evidence_limit, f"invoice lines in {', '.join(foreign)}, the meter is priced in {meter.currency}")
+        return _unmapped(
+            facts,
+            meter,
+            period,
+            evidence_limit,
+            f"invoice lines in {', '.join(foreign)}, the meter is priced in {meter.currency}",
+        )
     units = _units(facts, meter)
     plan = _plan_in(meter, period, facts.customer_id)
     usage = [ln for ln in facts.lines if ln.kind in ("usage", "proration")]
@@ -163,9 +169,7 @@ def _applies(change: PlanChange, customer: str) -> bool:
 
 def _plan_in(meter: Meter, period: Period, customer: str) -> tuple[PlanChange, ...]:
     """The customer's plan changes that take effect inside the period (not at its start)."""
-    return tuple(
-        c for c in meter.plan if period.start < c.effective < period.end and _applies(c, customer)
-    )
+    return tuple(c for c in meter.plan if period.start < c.effective < period.end and _applies(c, customer))
 
 
 def _terms_at(meter: Meter, moment: datetime, customer: str) -> tuple[Decimal, Pricing]:
@@ -211,18 +215,26 @@ def _expected_amount(
 
 
 def _agreed(
-    units: Units, reading: Reading, adjustments: Decimal, is_proration: bool, planned: bool, currency: str, usage: list[InvoiceLine]
+    units: Units,
+    reading: Reading,
+    adjustments: Decimal,
+    is_proration: bool,
+    planned: bool,
+    currency: str,
+    usage: list[InvoiceLine],
 ) -> tuple[str, str]:
     if adjustments != 0:
         word = "credit" if adjustments < 0 else "adjustment"
         return "credit", f"units agree; a {word} of {_money(abs(adjustments), currency)} explains the difference"
     if is_proration:
-        how = "prorated across the plan change" if planned else "with a proration line (plan change not in config: amount not re-priced)"
+        how = (
+            "prorated across the plan change"
+            if planned
+            else "with a proration line (plan change not in config: amount not re-priced)"
+        )
         return "proration", f"units agree; priced {how}"
     if reading.timing:
-        return "timing", (
-            f"{units.late} late units received after the cutoff; expected next cycle"
-        )
+        return "timing", (f"{units.late} late units received after the cutoff; expected next cycle")
     if not usage:
         return "match", "no invoice line; usage within included units"
     if reading.clears:
@@ -234,7 +246,10 @@ def _mispriced(
     invoiced: Decimal, charged: Decimal, priced: Decimal, is_proration: bool, adjustments: Decimal, currency: str
 ) -> str:
     what = "prorated amount" if is_proration else "amount"
-    cause = f"units agree but {invoiced} units are charged {_money(charged, currency)}; the {what} should be {_money(priced, currency)}"
+    cause = (
+        f"units agree but {invoiced} units are charged {_money(charged, currency)}; "
+        f"the {what} should be {_money(priced, currency)}"
+    )
     if adjustments:
         cause += f"; a credit of {_money(abs(adjustments), currency)} explains part"
     return cause

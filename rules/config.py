@@ -97,9 +97,23 @@ class Config:
 
 _TOP = {"sources", "period", "meters", "routes", "stripe", "orb", "approvals", "evidence"}
 _METER_KEYS = {
-    "name", "unit_size", "rounding", "precision", "included", "unit_price", "currency",
-    "tolerance", "stripe_meter", "stripe_price", "orb_metric", "pricing", "package_size",
-    "package_price", "package_rounding", "tiers", "plan",
+    "name",
+    "unit_size",
+    "rounding",
+    "precision",
+    "included",
+    "unit_price",
+    "currency",
+    "tolerance",
+    "stripe_meter",
+    "stripe_price",
+    "orb_metric",
+    "pricing",
+    "package_size",
+    "package_price",
+    "package_rounding",
+    "tiers",
+    "plan",
 }
 _PRICING_KEYS = {"pricing", "unit_price", "package_size", "package_price", "package_rounding", "tiers"}
 
@@ -260,9 +274,7 @@ def _pricing(table: dict[str, Any], where: str) -> Pricing:
             model="package",
             package_size=_decimal(table["package_size"], f"{where}.package_size", positive=True),
             package_price=_decimal(table["package_price"], f"{where}.package_price"),
-            package_rounding=_choice(
-                table.get("package_rounding", "up"), ("up", "down"), f"{where}.package_rounding"
-            ),
+            package_rounding=_choice(table.get("package_rounding", "up"), ("up", "down"), f"{where}.package_rounding"),
         )
     return Pricing(model=model, tiers=_tiers(table.get("tiers"), f"{where}.tiers"))
 
@@ -291,9 +303,7 @@ def _tiers(items: Any, where: str) -> tuple[Tier, ...]:
     return tuple(tiers)
 
 
-def _plan_change(
-    table: dict[str, Any], where: str, period: PeriodRules, base: Pricing
-) -> PlanChange:
+def _plan_change(table: dict[str, Any], where: str, period: PeriodRules, base: Pricing) -> PlanChange:
     """A dated plan entry; without pricing keys it keeps the meter's pricing."""
     _only(table, {"from", "included", "customer"} | _PRICING_KEYS, where)
     if "included" not in table:

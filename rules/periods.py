@@ -40,15 +40,33 @@ def months_covering(start: datetime, end: datetime, zone: ZoneInfo) -> tuple[Per
     return tuple(periods)
 
 
+def parse_periods(text: str, zone: ZoneInfo) -> tuple[Period, ...]:
+    """`2026-10` (a month), `2026-09..2026-10` (months, both included) or `START..END`
+    (one custom period, dates or datetimes)."""
+    text = text.strip()
+    first, dots, last = text.partition("..")
+    if dots and MONTH.match(first.strip()) and MONTH.match(last.strip()):
+        start, end = _month(first.strip()), _month(last.strip())
+        if end < start:
+            raise PeriodError(f"--period: {text!r} ends before it starts")
+        return months_covering(month(*start, zone).start, month(*end, zone).end, zone)
+    return (parse_period(text, zone),)
+
+
+def _month(text: str) -> tuple[int, int]:
+    found = MONTH.match(text)
+    assert found is not None
+    year, number = int(found[1]), int(found[2])
+    if not 1 <= number <= 12:
+        raise PeriodError(f"--period: no month {number} in {text!r}")
+    return year, number
+
+
 def parse_period(text: str, zone: ZoneInfo) -> Period:
     """`2026-10` (a month) or `START..END` (one custom period)."""
     text = text.strip()
-    found = MONTH.match(text)
-    if found:
-        year, number = int(found[1]), int(found[2])
-        if not 1 <= number <= 12:
-            raise PeriodError(f"--period: no month {number} in {text!r}")
-        return month(year, number, zone)
+    if MONTH.match(text):
+        return month(*_month(text), zone)
     if ".." in text:
         first, _, last = text.partition("..")
         start, end = _instant(first, zone), _instant(last, zone)

@@ -18,9 +18,7 @@ ROUNDINGS = {"up": ROUND_CEILING, "down": ROUND_FLOOR, "half_up": ROUND_HALF_UP}
 ZERO = Decimal(0)
 
 # ISO 4217 currencies whose minor unit is not the cent.
-_ZERO_DECIMAL = frozenset(
-    "bif clp djf gnf isk jpy kmf krw mga pyg rwf ugx vnd vuv xaf xof xpf".split()
-)
+_ZERO_DECIMAL = frozenset("bif clp djf gnf isk jpy kmf krw mga pyg rwf ugx vnd vuv xaf xof xpf".split())
 _THREE_DECIMAL = frozenset("bhd iqd jod kwd lyd omr tnd".split())
 
 
@@ -48,9 +46,7 @@ def price(pricing: Pricing, units: Decimal) -> Decimal:
     if pricing.model == "flat":
         return units * pricing.unit_price
     if pricing.model == "package":
-        packages = (units / pricing.package_size).quantize(
-            Decimal(1), rounding=ROUNDINGS[pricing.package_rounding]
-        )
+        packages = (units / pricing.package_size).quantize(Decimal(1), rounding=ROUNDINGS[pricing.package_rounding])
         return packages * pricing.package_price
     if pricing.model == "graduated":
         return _graduated(pricing.tiers, units)

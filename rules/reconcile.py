@@ -27,7 +27,9 @@ def reconcile(
     joined = join(timeline, raw, metered, lines, customers)
     segments = dict(enumerate(timeline.segments))
     verdicts = [
-        judge(facts, config.meters.get(facts.meter), timeline.periods[facts.period_index], segments, config.evidence_limit)
+        judge(
+            facts, config.meters.get(facts.meter), timeline.periods[facts.period_index], segments, config.evidence_limit
+        )
         for facts in joined.facts.values()
     ]
     verdicts.sort(key=ReconLine.sort_key.fget)  # type: ignore[arg-type]

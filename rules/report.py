@@ -14,11 +14,33 @@ from rules.models import CLASSES, Period, ReconLine, Report
 from rules.pricing import round_money
 
 CSV_COLUMNS = (
-    "customer_id", "meter", "period", "period_start", "period_end", "raw_units", "late_units",
-    "catchup_units", "metered_units", "invoiced_units", "incurred_overage", "invoiced_overage",
-    "expected_amount", "invoiced_amount", "credit_amount", "delta_units", "delta_amount",
-    "currency", "class", "break_at", "cause", "duplicate_event_ids", "late_event_ids",
-    "catchup_event_ids", "invoice_line_ids", "invoice_ids", "clears",
+    "customer_id",
+    "meter",
+    "period",
+    "period_start",
+    "period_end",
+    "raw_units",
+    "late_units",
+    "catchup_units",
+    "metered_units",
+    "invoiced_units",
+    "incurred_overage",
+    "invoiced_overage",
+    "expected_amount",
+    "invoiced_amount",
+    "credit_amount",
+    "delta_units",
+    "delta_amount",
+    "currency",
+    "class",
+    "break_at",
+    "cause",
+    "duplicate_event_ids",
+    "late_event_ids",
+    "catchup_event_ids",
+    "invoice_line_ids",
+    "invoice_ids",
+    "clears",
 )
 
 
@@ -63,8 +85,7 @@ def line_json(line: ReconLine) -> dict[str, Any]:
             "invoice_line_ids": list(evidence.invoice_line_ids),
             "invoice_ids": list(evidence.invoice_ids),
             "clears": [
-                {"customer_id": ref.customer_id, "meter": ref.meter, "period": ref.period}
-                for ref in evidence.clears
+                {"customer_id": ref.customer_id, "meter": ref.meter, "period": ref.period} for ref in evidence.clears
             ],
         },
     }

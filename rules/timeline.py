@@ -51,9 +51,7 @@ class Timeline:
         return None
 
 
-def build_timeline(
-    periods: tuple[Period, ...], meters: dict[str, Meter], grace: timedelta
-) -> Timeline:
+def build_timeline(periods: tuple[Period, ...], meters: dict[str, Meter], grace: timedelta) -> Timeline:
     """Periods must be sorted and contiguous (one custom period, or consecutive months)."""
     cuts = {change.effective for meter in meters.values() for change in meter.plan}
     segments: list[Segment] = []

@@ -1,0 +1,21 @@
+from __future__ import annotations
+
+import os
+
+import pytest
+
+from bot.store import Store
+
+
+@pytest.fixture(autouse=True)
+def _clean_environment(monkeypatch: pytest.MonkeyPatch, tmp_path) -> None:
+    """Each test starts with none of the product's variables set and a scratch database."""
+    for name in list(os.environ):
+        if name.startswith(("RECON_", "STRIPE_", "ORB_", "SLACK_")):
+            monkeypatch.delenv(name)
+    monkeypatch.setenv("RECON_DATABASE_URL", f"sqlite:///{tmp_path / 'recon.db'}")
+
+
+@pytest.fixture
+def store(tmp_path) -> Store:
+    return Store.open(f"sqlite:///{tmp_path / 'store.db'}")

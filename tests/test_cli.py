@@ -1,0 +1,119 @@
+"""`recon` as a user runs it: exit codes, one-line messages, formats, determinism."""
+
+from __future__ import annotations
+
+import json
+
+from click.testing import CliRunner
+
+from bot.cli import main
+from bot.config import Settings
+from bot.store import Store
+from tests.book import event, line, metered, write_book
+
+
+def recon(*args: str):
+    return CliRunner().invoke(main, list(args), catch_exceptions=False)
+
+
+def book(tmp_path, raw=None):
+    return write_book(
+        tmp_path,
+        raw or [event("e1", 100_000), event("e2", 30_000)],
+        [metered(100_000)],
+        [line(100, "100.00")],
+    )
+
+
+def test_reconcile_json_is_the_contract_report(tmp_path):
+    result = recon("reconcile", "--config", str(book(tmp_path)), "--period", "2026-10", "--format", "json")
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.stdout)
+    assert set(report) == {"run_id", "period", "summary", "lines"}
+    assert report["summary"]["classes"]["under_bill"] == {"count": 1, "amount": "60.00", "amounts": {"usd": "60.00"}}
+    assert report["lines"][0]["class"] == "under_bill"
+
+
+def test_same_inputs_give_byte_identical_reports_and_one_stored_run(tmp_path):
+    config = str(book(tmp_path))
+    first = recon("reconcile", "--config", config, "--format", "json")
+    second = recon("reconcile", "--config", config, "--format", "json")
+    assert first.exit_code == second.exit_code == 0
+    assert first.stdout == second.stdout
+    db = Store.open(Settings.from_env().database_url).db
+    assert db["runs"].count == 1
+    assert db["run_lines"].count == 1
+    assert db["discrepancies"].count == 1
+
+
+def test_csv_and_table_formats(tmp_path):
+    config = str(book(tmp_path))
+    as_csv = recon("reconcile", "--config", config, "--format", "csv")
+    header, row = as_csv.stdout.splitlines()
+    assert header.startswith("customer_id,meter,period,")
+    assert ",under_bill,metering," in row
+    table = recon("reconcile", "--config", config, "--out", str(tmp_path / "report.txt"))
+    assert table.exit_code == 0
+    assert "under_bill" in (tmp_path / "report.txt").read_text()
+
+
+def test_a_bad_row_exits_2_with_one_line(tmp_path):
+    config = book(tmp_path, raw=[event("e1", 1), event("e2", "lots")])
+    result = recon("reconcile", "--config", str(config))
+    assert result.exit_code == 2
+    assert result.stderr == f"recon: {tmp_path / 'raw.csv'}: line 3: quantity: not a decimal number ('lots')\n"
+    assert result.stdout == ""
+
+
+def test_a_bad_config_key_exits_2_naming_it(tmp_path):
+    config = book(tmp_path)
+    config.write_text(config.read_text().replace("unit_size", "unit_sise"))
+    result = recon("reconcile", "--config", str(config))
+    assert result.exit_code == 2
+    assert "meters[0].unit_sise: unknown key" in result.stderr
+    assert len(result.stderr.splitlines()) == 1
+
+
+def test_missing_config_and_bad_period_exit_2(tmp_path):
+    assert recon("reconcile", "--config", str(tmp_path / "none.toml")).exit_code == 2
+    result = recon("reconcile", "--config", str(book(tmp_path)), "--period", "Oct")
+    assert (result.exit_code, result.stderr.splitlines()[0][:16]) == (2, "recon: --period:")
+
+
+def test_flags_override_sources(tmp_path):
+    config = book(tmp_path)
+    other = tmp_path / "other"
+    other.mkdir()
+    write_book(other, [event("x", 100_000)], [metered(100_000)], [line(100, "100.00")])
+    result = recon("reconcile", "--config", str(config), "--raw", str(other / "raw.csv"), "--format", "json")
+    assert json.loads(result.stdout)["lines"][0]["class"] == "match"
+
+
+def test_customer_filter(tmp_path):
+    raw = [event("e1", 100_000), event("e2", 100_000, customer="cus_b")]
+    config = book(tmp_path, raw=raw)
+    result = recon("reconcile", "--config", str(config), "--customer", "cus_b", "--format", "json")
+    assert [ln["customer_id"] for ln in json.loads(result.stdout)["lines"]] == ["cus_b"]
+
+
+def test_demo_finds_every_class_and_clears_its_timing_item():
+    result = recon("demo", "--format", "json")
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.stdout)
+    counts = {k: v["count"] for k, v in report["summary"]["classes"].items()}
+    assert all(counts.values()), counts
+    watch = json.loads(recon("watchlist", "--all", "--format", "json").stdout)
+    assert [(i["customer_id"], i["period"], i["status"]) for i in watch] == [("cus_umbrella", "2026-09", "cleared")]
+    assert watch[0]["cleared_by"]["run_id"] == report["run_id"]
+
+
+def test_demo_table_shows_routing_dry_run():
+    result = recon("demo")
+    assert result.exit_code == 0
+    assert "Routing (dry run" in result.stdout
+    assert "slack:#revops" in result.stdout
+
+
+def test_migrate_reports_the_schema_version():
+    result = recon("migrate")
+    assert (result.exit_code, result.stdout) == (0, "schema at version 1\n")

@@ -1,0 +1,143 @@
+"""The files connector: formats, value forms, and the one-line errors for bad rows."""
+
+from __future__ import annotations
+
+import json
+from datetime import timedelta
+from decimal import Decimal
+from zoneinfo import ZoneInfo
+
+import duckdb
+import pytest
+
+from connectors.base import InputError
+from connectors.files import FileBilling, RawEventsFile
+from rules.periods import month
+from rules.timeline import build_timeline
+from tests.book import INVOICED, METERED, RAW, event, line, metered, write_csv
+
+UTC_ZONE = ZoneInfo("UTC")
+
+
+def october(zone: ZoneInfo = UTC_ZONE):
+    return build_timeline((month(2026, 10, zone),), {}, timedelta(hours=48))
+
+
+def totals(path, timeline=None) -> dict[tuple[str, str], Decimal]:
+    sums: dict[tuple[str, str], Decimal] = {}
+    for aggregate in RawEventsFile(path).aggregate(timeline or october(), 10):
+        if aggregate.segment is not None:
+            key = (aggregate.customer_id, aggregate.meter)
+            sums[key] = sums.get(key, Decimal(0)) + aggregate.quantity
+    return sums
+
+
+def test_csv_jsonl_and_parquet_give_the_same_sums(tmp_path):
+    rows = [event("e1", "1.5"), event("e2", "2.25", customer="cus_b"), event("e3", "0.000000000001")]
+    csv_path = write_csv(tmp_path / "raw.csv", RAW, rows)
+    jsonl_path = tmp_path / "raw.jsonl"
+    jsonl_path.write_text("".join(json.dumps(dict(zip(RAW, r, strict=True))) + "\n" for r in rows))
+    parquet_path = tmp_path / "raw.parquet"
+    duckdb.sql(f"COPY (SELECT * FROM read_csv('{csv_path}', all_varchar = true)) TO '{parquet_path}' (FORMAT parquet)")
+    expected = {("cus_a", "api_calls"): Decimal("1.500000000001"), ("cus_b", "api_calls"): Decimal("2.25")}
+    assert totals(csv_path) == totals(jsonl_path) == totals(parquet_path) == expected
+
+
+def test_typed_parquet_columns(tmp_path):
+    path = tmp_path / "raw.parquet"
+    duckdb.sql(
+        f"""COPY (SELECT 'e1' AS event_id, 'cus_a' AS customer_id, 'api_calls' AS meter,
+                  TIMESTAMPTZ '2026-10-10 00:00:00+00' AS timestamp, 12.5::DECIMAL(10,2) AS quantity,
+                  TIMESTAMP '2026-10-10 00:01:00' AS received_at
+                 UNION ALL
+                 SELECT 'e2', 'cus_a', 'api_calls', TIMESTAMPTZ '2026-10-11 00:00:00+00', 0.1::DOUBLE, NULL)
+            TO '{path}' (FORMAT parquet)"""
+    )
+    assert totals(path) == {("cus_a", "api_calls"): Decimal("12.6")}
+
+
+def test_unix_seconds_and_offsets(tmp_path):
+    rows = [
+        event("e1", 1, timestamp="1791417600"),  # 2026-10-08T00:00:00Z
+        event("e2", 2, timestamp="2026-10-01T01:30:00+02:00"),  # 2026-09-30T23:30Z: September
+        event("e3", 4, timestamp="2026-10-31 23:59:59"),  # no offset: UTC
+    ]
+    assert totals(write_csv(tmp_path / "raw.csv", RAW, rows)) == {("cus_a", "api_calls"): Decimal(5)}
+
+
+def test_period_boundary_across_dst_in_the_configured_zone(tmp_path):
+    berlin = ZoneInfo("Europe/Berlin")
+    rows = [
+        event("oct", 1, timestamp="2026-10-31T22:59:59Z"),  # 23:59:59 CET: still October
+        event("nov", 10, timestamp="2026-10-31T23:00:00Z"),  # midnight CET: November
+        event("sep", 100, timestamp="2026-09-30T21:59:59Z"),  # 23:59:59 CEST: September
+        event("first", 1000, timestamp="2026-09-30T22:00:00Z"),  # midnight CEST: October
+    ]
+    path = write_csv(tmp_path / "raw.csv", RAW, rows)
+    assert totals(path, october(berlin)) == {("cus_a", "api_calls"): Decimal(1001)}
+
+
+@pytest.mark.parametrize(
+    ("row", "message"),
+    [
+        (event("e9", "12,5"), "line 3: quantity: not a decimal number ('12,5')"),
+        (
+            event("e9", "1", timestamp="yesterday"),
+            "line 3: timestamp: not an ISO-8601 timestamp or Unix seconds ('yesterday')",
+        ),
+        (event("e9", "1", received_at="soon"), "line 3: received_at: not an ISO-8601 timestamp"),
+        (event("", "1"), "line 3: event_id: is empty"),
+        (event("e9", ""), "line 3: quantity: is empty"),
+        (event("e9", "1", customer=""), "line 3: customer_id: is empty"),
+    ],
+)
+def test_a_bad_raw_row_names_file_line_and_field(tmp_path, row, message):
+    path = write_csv(tmp_path / "raw.csv", RAW, [event("e1", 1), row, event("e3", 1)])
+    with pytest.raises(InputError) as caught:
+        RawEventsFile(path).aggregate(october(), 10)
+    assert str(caught.value) == f"{path}: {message}" or str(caught.value).startswith(f"{path}: {message}")
+
+
+def test_a_bad_jsonl_row_is_named_by_its_line_even_as_a_duplicate(tmp_path):
+    path = tmp_path / "raw.jsonl"
+    good = dict(zip(RAW, event("e1", "1"), strict=True))
+    path.write_text(json.dumps(good) + "\n" + json.dumps({**good, "quantity": "x"}) + "\n")
+    with pytest.raises(InputError, match=r"raw.jsonl: line 2: quantity"):
+        RawEventsFile(path).aggregate(october(), 10)
+
+
+def test_a_missing_column_is_named(tmp_path):
+    path = tmp_path / "raw.csv"
+    path.write_text("event_id,customer_id,meter,timestamp\ne1,cus_a,api_calls,2026-10-01T00:00:00Z\n")
+    with pytest.raises(InputError, match=r"raw.csv: missing column 'quantity'"):
+        RawEventsFile(path).aggregate(october(), 10)
+
+
+def test_missing_file_and_unknown_type(tmp_path):
+    with pytest.raises(InputError, match="no such file"):
+        RawEventsFile(tmp_path / "nope.csv")
+    (tmp_path / "raw.xlsx").write_text("")
+    with pytest.raises(InputError, match="unknown file type '.xlsx'"):
+        RawEventsFile(tmp_path / "raw.xlsx")
+
+
+def test_bad_metered_and_invoiced_rows_name_line_and_field(tmp_path):
+    meters = write_csv(tmp_path / "metered.csv", METERED, [metered(10), metered("ten")])
+    lines = write_csv(tmp_path / "invoiced.csv", INVOICED, [line(1, "1.00"), line(1, "1.00", kind="refund")])
+    with pytest.raises(InputError, match=r"metered.csv: line 3: quantity: not a decimal number \('ten'\)"):
+        list(FileBilling(meters, None).metered())
+    with pytest.raises(InputError, match=r"invoiced.csv: line 3: kind: must be one of usage, credit"):
+        list(FileBilling(None, lines).invoiced())
+
+
+def test_invoice_values_are_exact_decimals_and_lower_case_currency(tmp_path):
+    lines = write_csv(tmp_path / "invoiced.csv", INVOICED, [line("10.5", "0.10", currency="USD")])
+    (parsed,) = FileBilling(None, lines).invoiced()
+    assert (parsed.quantity, parsed.amount, parsed.currency) == (Decimal("10.5"), Decimal("0.10"), "usd")
+
+
+def test_evidence_ids_are_capped_smallest_first(tmp_path):
+    rows = [event(f"e{i:02d}", 1, received_at="2026-11-20T00:00:00Z") for i in range(20)]
+    (aggregate,) = RawEventsFile(write_csv(tmp_path / "raw.csv", RAW, rows)).aggregate(october(), 3)
+    assert aggregate.late_event_ids == ("e00", "e01", "e02")
+    assert aggregate.events == 20
