@@ -3,24 +3,32 @@
 from __future__ import annotations
 
 import logging
-from typing import Any
 
 from flask import Flask
 
 from bot.api import api
 from bot.config import Settings
+from bot.signatures import StripeVerifier, Verifier
 from bot.store import Store
+from bot.webhooks import webhooks
 
 
 def create_app(settings: Settings | None = None) -> Flask:
     settings = settings or Settings.from_env()
     app = Flask(__name__)
     app.config["SETTINGS"] = settings
+    app.config["MAX_CONTENT_LENGTH"] = settings.webhook_max_bytes
     app.extensions["store"] = Store.open(settings.database_url)
+    app.extensions["verifiers"] = verifiers(settings)
     app.register_blueprint(api)
+    app.register_blueprint(webhooks)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s %(message)s")
     return app
 
 
-def store_of(app: Any) -> Store:
-    return app.extensions["store"]
+def verifiers(settings: Settings) -> dict[str, Verifier]:
+    """A verifier for each platform whose webhook secret is set."""
+    found: dict[str, Verifier] = {}
+    if settings.stripe_webhook_secrets:
+        found["stripe"] = StripeVerifier(settings.stripe_webhook_secrets)
+    return found

@@ -14,6 +14,19 @@ def _secrets(value: str | None) -> tuple[str, ...]:
     return tuple(s.strip() for s in (value or "").split(",") if s.strip())
 
 
+class SettingsError(ValueError):
+    """An environment variable has a value we cannot use."""
+
+
+def _int(env: Mapping[str, str], name: str, default: int) -> int:
+    value = env.get(name)
+    if not value:
+        return default
+    if not value.isdigit() or int(value) <= 0:
+        raise SettingsError(f"{name}: must be a positive whole number (got {value!r})")
+    return int(value)
+
+
 @dataclass(frozen=True)
 class Settings:
     config_path: Path = Path("recon.toml")
@@ -27,6 +40,7 @@ class Settings:
     slack_bot_token: str | None = field(default=None, repr=False)
     slack_signing_secret: str | None = field(default=None, repr=False)
     slack_api_url: str | None = None
+    webhook_max_bytes: int = 1024 * 1024
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> Settings:
@@ -43,4 +57,5 @@ class Settings:
             slack_bot_token=env.get("SLACK_BOT_TOKEN") or None,
             slack_signing_secret=env.get("SLACK_SIGNING_SECRET") or None,
             slack_api_url=env.get("SLACK_API_URL") or None,
+            webhook_max_bytes=_int(env, "RECON_WEBHOOK_MAX_BYTES", 1024 * 1024),
         )

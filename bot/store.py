@@ -11,13 +11,14 @@ import json
 import sqlite3
 from collections.abc import Iterator
 from dataclasses import dataclass
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
 import sqlite_utils
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
+INBOX_STATES = ("pending", "processing", "done", "ignored", "dead")
 
 
 class StoreError(RuntimeError):
@@ -50,12 +51,30 @@ def sqlite_path(url: str) -> str:
 
 
 def now() -> str:
-    return datetime.now(UTC).isoformat(timespec="seconds")
+    return stamp(datetime.now(UTC))
+
+
+def stamp(moment: datetime) -> str:
+    """A UTC instant as fixed-width text, so that text order is time order."""
+    return moment.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+
+
+@dataclass(frozen=True)
+class Claimed:
+    """An inbox event a worker holds under a lease."""
+
+    provider: str
+    event_id: str
+    type: str
+    account: str | None
+    body: str
+    attempts: int
 
 
 class Store:
-    def __init__(self, db: sqlite_utils.Database) -> None:
+    def __init__(self, db: sqlite_utils.Database, url: str = "sqlite:///:memory:") -> None:
         self.db = db
+        self.url = url
 
     @classmethod
     def open(cls, url: str) -> Store:
@@ -70,7 +89,7 @@ class Store:
                 db.execute("PRAGMA synchronous = NORMAL")
         except sqlite3.Error as exc:
             raise StoreError(f"cannot open database {path}: {exc}") from None
-        store = cls(db)
+        store = cls(db, url)
         store.migrate()
         return store
 
@@ -94,29 +113,62 @@ class Store:
     # -- runs -------------------------------------------------------------------
 
     def save_run(self, record: RunRecord, summary: dict[str, Any], lines: list[dict[str, Any]]) -> bool:
-        """Store a finished run with its lines and discrepancies; False if it was already stored."""
-        if self.run_exists(record.run_id):
+        """Store a finished run with its lines and discrepancies; False if it was already done.
+
+        A run started earlier (`start_run`) and cut short is completed under the same id.
+        """
+        if self.run_status(record.run_id) == "done":
             return False
         try:
             self._insert_run(record, summary, lines)
         except sqlite3.IntegrityError:
-            if self.run_exists(record.run_id):
-                return False  # another process stored the same run first
+            if self.run_status(record.run_id) == "done":
+                return False  # another process finished the same run first
             raise
         return True
 
+    def start_run(self, record: RunRecord) -> str:
+        """Record that a run is under way (status `running`); returns the run's status."""
+        with self.db.atomic():
+            self.db.conn.execute(
+                """INSERT INTO runs (run_id, status, created_at, period_start, period_end, period_label,
+                       config_hash, calculation_version, inputs, customers, invoice_id, customer_id)
+                   VALUES (?, 'running', ?, ?, ?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT DO NOTHING""",
+                [
+                    record.run_id,
+                    now(),
+                    record.period_start,
+                    record.period_end,
+                    record.period_label,
+                    record.config_hash,
+                    record.calculation_version,
+                    json.dumps(record.inputs, sort_keys=True),
+                    json.dumps(record.customers),
+                    record.invoice_id,
+                    record.customer_id,
+                ],
+            )
+        return self.run_status(record.run_id) or "running"
+
+    def run_status(self, run_id: str) -> str | None:
+        row = self.db.execute("SELECT status FROM runs WHERE run_id = ?", [run_id]).fetchone()
+        return row[0] if row else None
+
     def _insert_run(self, record: RunRecord, summary: dict[str, Any], lines: list[dict[str, Any]]) -> None:
         with self.db.atomic():
-            self.db["runs"].insert(
-                {
-                    **record.__dict__,
-                    "inputs": json.dumps(record.inputs, sort_keys=True),
-                    "customers": json.dumps(record.customers),
-                    "status": "done",
-                    "created_at": now(),
-                    "summary": json.dumps(summary, sort_keys=True),
-                }
-            )
+            started = self.run_status(record.run_id) is not None
+            row = {
+                **record.__dict__,
+                "inputs": json.dumps(record.inputs, sort_keys=True),
+                "customers": json.dumps(record.customers),
+                "status": "done",
+                "summary": json.dumps(summary, sort_keys=True),
+            }
+            if started:
+                self.db["runs"].update(record.run_id, row)
+                self.db.conn.execute("DELETE FROM run_lines WHERE run_id = ?", [record.run_id])
+            else:
+                self.db["runs"].insert({**row, "created_at": now()})
             self.db["run_lines"].insert_all(
                 (_line_row(record.run_id, position, line) for position, line in enumerate(lines)),
                 batch_size=5000,
@@ -151,9 +203,6 @@ class Store:
                    break_at = excluded.break_at, cause = excluded.cause""",
             rows,
         )
-
-    def run_exists(self, run_id: str) -> bool:
-        return bool(self.db.execute("SELECT 1 FROM runs WHERE run_id = ?", [run_id]).fetchone())
 
     def get_run(self, run_id: str) -> dict[str, Any] | None:
         """The run's report in the contract's shape, or None."""
@@ -194,6 +243,92 @@ class Store:
 
     def discrepancies(self) -> Iterator[dict[str, Any]]:
         yield from self.db.query("SELECT * FROM discrepancies ORDER BY customer_id, meter, period, class")
+
+    # -- webhook inbox ------------------------------------------------------------
+
+    def save_event(self, event: Any) -> bool:
+        """Store a verified event; False (and nothing changed) if its id is already stored."""
+        cursor = self.db.conn.execute(
+            """INSERT INTO inbox (provider, event_id, type, account, body, received_at, available_at)
+               VALUES (?, ?, ?, ?, ?, ?, ?) ON CONFLICT DO NOTHING""",
+            [event.provider, event.event_id, event.type, event.account, event.body, now(), now()],
+        )
+        self.db.conn.commit()
+        return cursor.rowcount == 1
+
+    def claim(self, worker: str, at: datetime, lease: timedelta) -> Claimed | None:
+        """Take the oldest ready event (or one whose lease ran out) under a lease."""
+        cursor = self.db.conn.execute(
+            """UPDATE inbox SET status = 'processing', attempts = attempts + 1, worker = :worker,
+                      lease_until = :lease_until
+               WHERE rowid = (
+                   SELECT rowid FROM inbox
+                   WHERE (status = 'pending' AND available_at <= :now)
+                      OR (status = 'processing' AND lease_until < :now)
+                   ORDER BY received_at LIMIT 1)
+               RETURNING provider, event_id, type, account, body, attempts""",
+            {"worker": worker, "now": stamp(at), "lease_until": stamp(at + lease)},
+        )
+        row = cursor.fetchone()
+        self.db.conn.commit()
+        return Claimed(*row) if row else None
+
+    def renew(self, claimed: Claimed, worker: str, until: datetime) -> bool:
+        """Extend the lease while the work goes on; False if another worker took the event."""
+        return self._update_claimed(claimed, worker, "lease_until = ?", [stamp(until)])
+
+    def finish(self, claimed: Claimed, worker: str, status: str, run_id: str | None = None) -> bool:
+        """Mark a claimed event done or ignored; False if the lease was lost meanwhile."""
+        return self._update_claimed(
+            claimed, worker, "status = ?, run_id = ?, finished_at = ?, last_error = NULL", [status, run_id, now()]
+        )
+
+    def fail(self, claimed: Claimed, worker: str, error: str, retry_at: datetime | None) -> bool:
+        """Record the error; retry at `retry_at`, or park the event as dead when it is None."""
+        if retry_at is None:
+            return self._update_claimed(
+                claimed, worker, "status = 'dead', last_error = ?, finished_at = ?", [error, now()]
+            )
+        return self._update_claimed(
+            claimed, worker, "status = 'pending', last_error = ?, available_at = ?", [error, stamp(retry_at)]
+        )
+
+    def _update_claimed(self, claimed: Claimed, worker: str, assignments: str, values: list[Any]) -> bool:
+        cursor = self.db.conn.execute(
+            f"""UPDATE inbox SET {assignments}
+                WHERE provider = ? AND event_id = ? AND worker = ? AND status = 'processing'""",
+            [*values, claimed.provider, claimed.event_id, worker],
+        )
+        self.db.conn.commit()
+        return cursor.rowcount == 1
+
+    def replay(self, event_ids: list[str], since: datetime | None = None) -> int:
+        """Put events back in the queue (by id, or every one received since a time); returns how many."""
+        if event_ids:
+            marks = ",".join("?" * len(event_ids))
+            where, params = f"event_id IN ({marks})", list(event_ids)
+        elif since is not None:
+            where, params = "received_at >= ?", [stamp(since)]
+        else:
+            where, params = "status = 'dead'", []
+        cursor = self.db.conn.execute(
+            f"""UPDATE inbox SET status = 'pending', attempts = 0, available_at = ?, lease_until = NULL,
+                       worker = NULL WHERE status <> 'processing' AND {where}""",
+            [now(), *params],
+        )
+        self.db.conn.commit()
+        return cursor.rowcount
+
+    def events(self, status: str | None = None) -> list[dict[str, Any]]:
+        """Inbox rows without their bodies, oldest first."""
+        where, params = ("WHERE status = ?", [status]) if status else ("", [])
+        return list(
+            self.db.query(
+                f"""SELECT provider, event_id, type, status, attempts, received_at, last_error, run_id
+                    FROM inbox {where} ORDER BY received_at""",
+                params,
+            )
+        )
 
     # -- timing watch-list --------------------------------------------------------
 
@@ -293,4 +428,16 @@ def _schema_1(db: sqlite_utils.Database) -> None:
     )
 
 
-MIGRATIONS = {1: _schema_1}
+def _schema_2(db: sqlite_utils.Database) -> None:
+    db.execute(
+        """CREATE TABLE inbox (
+            provider TEXT NOT NULL, event_id TEXT NOT NULL, type TEXT NOT NULL, account TEXT,
+            body TEXT NOT NULL, received_at TEXT NOT NULL,
+            status TEXT NOT NULL DEFAULT 'pending', attempts INTEGER NOT NULL DEFAULT 0,
+            available_at TEXT NOT NULL, lease_until TEXT, worker TEXT, last_error TEXT,
+            run_id TEXT, finished_at TEXT, PRIMARY KEY (provider, event_id))"""
+    )
+    db.execute("CREATE INDEX inbox_ready ON inbox (status, available_at)")
+
+
+MIGRATIONS = {1: _schema_1, 2: _schema_2}

@@ -8,7 +8,7 @@ from click.testing import CliRunner
 
 from bot.cli import main
 from bot.config import Settings
-from bot.store import Store
+from bot.store import SCHEMA_VERSION, Store
 from tests.book import event, line, metered, write_book
 
 
@@ -116,4 +116,4 @@ def test_demo_table_shows_routing_dry_run():
 
 def test_migrate_reports_the_schema_version():
     result = recon("migrate")
-    assert (result.exit_code, result.stdout) == (0, "schema at version 1\n")
+    assert (result.exit_code, result.stdout) == (0, f"schema at version {SCHEMA_VERSION}\n")

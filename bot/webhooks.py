@@ -1,0 +1,36 @@
+"""Webhook intake: verify, store, answer. No API call, no reconciliation here.
+
+An event is in the inbox (committed) before the 2xx leaves; a redelivered event id
+answers 2xx and changes nothing. The worker does the rest.
+"""
+
+from __future__ import annotations
+
+import logging
+
+from flask import Blueprint, current_app, jsonify, request
+from flask.typing import ResponseReturnValue
+
+from bot.signatures import MalformedEvent, SignatureInvalid, Verifier
+
+log = logging.getLogger(__name__)
+webhooks = Blueprint("webhooks", __name__)
+
+
+@webhooks.post("/webhooks/<provider>")
+def receive(provider: str) -> ResponseReturnValue:
+    verifier: Verifier | None = current_app.extensions["verifiers"].get(provider)
+    if verifier is None:
+        return jsonify(error=f"no webhook secret configured for {provider!r}"), 404
+    body = request.get_data(cache=False)  # over MAX_CONTENT_LENGTH: 413 before we read it
+    try:
+        event = verifier.verify(body, request.headers)
+    except SignatureInvalid as exc:
+        log.warning("webhook %s refused: %s", provider, exc)
+        return jsonify(error="invalid signature"), 400
+    except MalformedEvent as exc:
+        log.warning("webhook %s refused: %s", provider, exc)
+        return jsonify(error=str(exc)), 400
+    stored = current_app.extensions["store"].save_event(event)
+    log.info("webhook %s %s %s %s", provider, event.event_id, event.type, "stored" if stored else "duplicate")
+    return jsonify(received=True, duplicate=not stored), 200
