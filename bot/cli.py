@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 import json
+import signal
 import sys
 import threading
 from collections.abc import Callable
@@ -16,14 +17,16 @@ from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
 from bot import render
-from bot.config import Settings
+from bot.config import Settings, SettingsError
+from bot.handlers import NotConfigured
 from bot.service import SourcePaths, reconcile_files
 from bot.store import Store, StoreError
 from connectors.base import InputError
 from rules.config import Config, ConfigError, parse_config
 from rules.periods import PeriodError, parse_periods
+from rules.values import parse_instant
 
-USER_ERRORS = (InputError, ConfigError, PeriodError, StoreError)
+USER_ERRORS = (InputError, ConfigError, PeriodError, StoreError, SettingsError, NotConfigured)
 
 
 def user_errors(command: Callable[..., Any]) -> Callable[..., Any]:
@@ -195,3 +198,44 @@ def serve(host: str, port: int) -> None:
     from bot.app import create_app
 
     create_app().run(host=host, port=port)
+
+
+@main.command()
+@click.option("--once", is_flag=True, help="Process what is ready, then exit.")
+@click.option("--sweep-every", default=900, show_default=True, help="Seconds between sweeps for lost events.")
+@user_errors
+def worker(once: bool, sweep_every: int) -> None:
+    """Process stored webhook events; several may run at once."""
+    from bot.runtime import build_worker, sweep_due
+
+    settings = Settings.from_env()
+    context, job = build_worker(settings, load_config(settings.config_path))
+    if once:
+        while job.run_once():
+            pass
+        return
+    stop = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    signal.signal(signal.SIGINT, lambda *_: stop.set())
+    job.run(stop, between=sweep_due(context, settings, sweep_every))
+
+
+@main.command()
+@click.argument("event_ids", nargs=-1)
+@click.option("--since", help="Every event received since this ISO-8601 time.")
+@click.option("--sweep", is_flag=True, help="Also list recent invoices and enqueue any no event covers.")
+@user_errors
+def replay(event_ids: tuple[str, ...], since: str | None, sweep: bool) -> None:
+    """Put stored webhook events back in the queue (by id, since a time, or every dead one)."""
+    from bot.runtime import build_context, sweep_now
+
+    settings = Settings.from_env()
+    store = Store.open(settings.database_url)
+    moment = parse_instant(since) if since else None
+    if since and moment is None:
+        raise InputError(f"--since: not an ISO-8601 time ({since!r})")
+    count = store.replay(list(event_ids), moment)
+    click.echo(f"{count} events queued again")
+    if sweep:
+        added = sweep_now(build_context(settings, load_config(settings.config_path)))
+        click.echo(f"sweep: {added} invoices with no stored event enqueued")

@@ -2,20 +2,33 @@
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
+from datetime import datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple, Protocol
 
 from bot.store import RunRecord, Store
 from connectors.files import FileBilling, RawEventsFile
 from rules.config import Config
-from rules.models import Period
-from rules.periods import infer_periods
+from rules.match import Joined
+from rules.models import InvoiceLine, MeteredRecord, Period
+from rules.periods import infer_periods, label_for
 from rules.reconcile import CALCULATION_VERSION, reconcile, run_id_for
 from rules.report import report_json
 from rules.timeline import build_timeline
+
+
+class InvoiceRecords(NamedTuple):
+    """What a platform says about one invoice, in the canonical shapes."""
+
+    customer_id: str
+    period_start: datetime
+    period_end: datetime
+    lines: list[InvoiceLine]
+    metered: list[MeteredRecord]
 
 
 @dataclass(frozen=True)
@@ -54,14 +67,75 @@ def reconcile_files(
         aggregates = raw.aggregate(timeline, config.evidence_limit, config.period.timezone, progress)
         run_id = run_id_for(config.fingerprint, fingerprints.result(), periods, customers)
     report, joined = reconcile(config, timeline, aggregates, metered, lines, run_id, customers)
-    document = report_json(
-        report,
-        {"out_of_scope": {"metered": joined.out_of_scope_metered, "invoice_lines": joined.out_of_scope_lines}},
-    )
+    document = report_json(report, _scope(joined))
     stored = False
     if store is not None:
         stored = save(store, document, config, fingerprints.result(), periods, customers)
     return RunResult(report=document, stored=stored)
+
+
+class InvoiceBilling(Protocol):
+    """A platform connector that reads one invoice's records (Stripe, Orb, ...)."""
+
+    def invoice_records(self, invoice_id: str) -> InvoiceRecords: ...
+
+
+def event_run_id(provider: str, event_id: str) -> str:
+    """One run per processed event, the same id however often the event is retried."""
+    return "run_" + hashlib.sha256(f"{provider}:{event_id}".encode()).hexdigest()[:20]
+
+
+def reconcile_invoice(
+    config: Config,
+    billing: InvoiceBilling,
+    raw: RawEventsFile,
+    store: Store,
+    invoice_id: str,
+    run_id: str,
+) -> str:
+    """Reconcile an invoice's customer over the invoice's period and every configured meter.
+
+    The run is recorded as `running` first; a run cut short is redone under the same id,
+    and a run already done is left as it is.
+    """
+    records = billing.invoice_records(invoice_id)
+    zone = config.period.zone
+    period = Period(records.period_start, records.period_end, label_for(records.period_start, records.period_end, zone))
+    customers = frozenset({records.customer_id})
+    record = RunRecord(
+        run_id=run_id,
+        period_start=period.start.isoformat(),
+        period_end=period.end.isoformat(),
+        period_label=period.label,
+        config_hash=config.fingerprint,
+        calculation_version=CALCULATION_VERSION,
+        inputs={"invoice": invoice_id},
+        customers=sorted(customers),
+        invoice_id=invoice_id,
+        customer_id=records.customer_id,
+    )
+    if store.start_run(record) == "done":
+        return run_id
+    timeline = build_timeline((period,), config.meters, config.period.grace)
+    aggregates = raw.aggregate(timeline, config.evidence_limit, config.period.timezone, customers=customers)
+    record = replace(record, inputs={"invoice": invoice_id, "raw": raw.fingerprint()})
+    report, joined = reconcile(
+        config,
+        timeline,
+        aggregates,
+        records.metered,
+        records.lines,
+        run_id,
+        customers,
+        every_meter=bool(records.customer_id),
+    )
+    document = report_json(report, _scope(joined))
+    store.save_run(record, document["summary"], document["lines"])
+    return run_id
+
+
+def _scope(joined: Joined) -> dict[str, Any]:
+    return {"out_of_scope": {"metered": joined.out_of_scope_metered, "invoice_lines": joined.out_of_scope_lines}}
 
 
 def save(

@@ -32,6 +32,7 @@ class InboundEvent:
     type: str
     account: str | None
     body: str
+    subject: str | None = None  # the invoice the event is about, when it is about one
 
 
 class Verifier(Protocol):
@@ -57,7 +58,14 @@ class StripeVerifier:
         payload = _json_object(body)
         if payload.get("object") != "event" or not payload.get("id") or not payload.get("type"):
             raise MalformedEvent("not a Stripe event (object, id or type missing)")
-        return InboundEvent("stripe", str(payload["id"]), str(payload["type"]), payload.get("account"), _text(body))
+        return InboundEvent(
+            "stripe",
+            str(payload["id"]),
+            str(payload["type"]),
+            payload.get("account"),
+            _text(body),
+            subject=stripe_invoice_of(payload),
+        )
 
     def _matches(self, body: bytes, header: str, secret: str) -> bool:
         try:
@@ -65,6 +73,20 @@ class StripeVerifier:
         except stripe.SignatureVerificationError:
             return False
         return True
+
+
+def stripe_invoice_of(payload: dict[str, Any]) -> str | None:
+    """The invoice a Stripe event is about: the invoice itself, or the one a credit note reduces."""
+    data = payload.get("data")
+    obj = data.get("object") if isinstance(data, dict) else None
+    if not isinstance(obj, dict):
+        return None
+    if obj.get("object") == "invoice":
+        return obj.get("id")
+    invoice = obj.get("invoice")
+    if isinstance(invoice, dict):
+        return invoice.get("id")
+    return invoice if isinstance(invoice, str) else None
 
 
 def _text(body: bytes) -> str:

@@ -249,9 +249,9 @@ class Store:
     def save_event(self, event: Any) -> bool:
         """Store a verified event; False (and nothing changed) if its id is already stored."""
         cursor = self.db.conn.execute(
-            """INSERT INTO inbox (provider, event_id, type, account, body, received_at, available_at)
-               VALUES (?, ?, ?, ?, ?, ?, ?) ON CONFLICT DO NOTHING""",
-            [event.provider, event.event_id, event.type, event.account, event.body, now(), now()],
+            """INSERT INTO inbox (provider, event_id, type, account, subject, body, received_at, available_at)
+               VALUES (?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT DO NOTHING""",
+            [event.provider, event.event_id, event.type, event.account, event.subject, event.body, now(), now()],
         )
         self.db.conn.commit()
         return cursor.rowcount == 1
@@ -318,6 +318,15 @@ class Store:
         )
         self.db.conn.commit()
         return cursor.rowcount
+
+    def covers(self, provider: str, invoice_id: str) -> bool:
+        """Whether a stored event or run is about this invoice already."""
+        row = self.db.execute(
+            """SELECT 1 FROM inbox WHERE provider = ? AND subject = ?
+               UNION ALL SELECT 1 FROM runs WHERE invoice_id = ? LIMIT 1""",
+            [provider, invoice_id, invoice_id],
+        ).fetchone()
+        return row is not None
 
     def events(self, status: str | None = None) -> list[dict[str, Any]]:
         """Inbox rows without their bodies, oldest first."""
@@ -432,12 +441,13 @@ def _schema_2(db: sqlite_utils.Database) -> None:
     db.execute(
         """CREATE TABLE inbox (
             provider TEXT NOT NULL, event_id TEXT NOT NULL, type TEXT NOT NULL, account TEXT,
-            body TEXT NOT NULL, received_at TEXT NOT NULL,
+            subject TEXT, body TEXT NOT NULL, received_at TEXT NOT NULL,
             status TEXT NOT NULL DEFAULT 'pending', attempts INTEGER NOT NULL DEFAULT 0,
             available_at TEXT NOT NULL, lease_until TEXT, worker TEXT, last_error TEXT,
             run_id TEXT, finished_at TEXT, PRIMARY KEY (provider, event_id))"""
     )
     db.execute("CREATE INDEX inbox_ready ON inbox (status, available_at)")
+    db.execute("CREATE INDEX inbox_subject ON inbox (provider, subject)")
 
 
 MIGRATIONS = {1: _schema_1, 2: _schema_2}

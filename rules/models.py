@@ -26,7 +26,9 @@ class Period:
         return self.start <= instant < self.end
 
     def covers(self, start: datetime, end: datetime) -> bool:
-        """Whether `[start, end)` lies inside this period."""
+        """Whether `[start, end)` lies inside this period (a one-off item has start == end)."""
+        if start == end:
+            return self.contains(start)
         return self.start <= start and end <= self.end and start < end
 
 

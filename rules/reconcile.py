@@ -8,7 +8,7 @@ from collections.abc import Iterable
 
 from rules.classify import judge
 from rules.config import Config
-from rules.match import Joined, join
+from rules.match import Joined, KeyFacts, join
 from rules.models import InvoiceLine, MeteredRecord, Period, RawAggregate, ReconLine, Report
 from rules.timeline import Timeline
 
@@ -23,8 +23,16 @@ def reconcile(
     lines: Iterable[InvoiceLine],
     run_id: str,
     customers: frozenset[str] = frozenset(),
+    every_meter: bool = False,
 ) -> tuple[Report, Joined]:
+    """`every_meter` gives each of `customers` a key for every configured meter and period,
+    so that usage with no invoice line and no meter record is still judged."""
     joined = join(timeline, raw, metered, lines, customers)
+    if every_meter:
+        for customer in sorted(customers):
+            for meter in config.meters:
+                for index in range(len(timeline.periods)):
+                    joined.facts.setdefault((customer, meter, index), KeyFacts(customer, meter, index))
     segments = dict(enumerate(timeline.segments))
     verdicts = [
         judge(
