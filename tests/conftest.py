@@ -1,8 +1,10 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator
 
 import pytest
+import responses
 
 from bot.store import Store
 
@@ -19,3 +21,10 @@ def _clean_environment(monkeypatch: pytest.MonkeyPatch, tmp_path) -> None:
 @pytest.fixture
 def store(tmp_path) -> Store:
     return Store.open(f"sqlite:///{tmp_path / 'store.db'}")
+
+
+@pytest.fixture
+def stripe_api() -> Iterator[responses.RequestsMock]:
+    """Stripe faked at the HTTP boundary; every registered response must be used."""
+    with responses.RequestsMock(assert_all_requests_are_fired=True) as rsps:
+        yield rsps
