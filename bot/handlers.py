@@ -15,10 +15,11 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 from pathlib import Path
 
-from bot.service import InvoiceBilling, event_run_id, reconcile_invoice
+from bot.service import event_run_id, reconcile_invoice
 from bot.signatures import InboundEvent, stripe_invoice_of
 from bot.store import Claimed, Store
 from bot.worker import Handler, Outcome
+from connectors.base import InvoiceBilling
 from connectors.files import RawEventsFile
 from rules.config import Config
 

@@ -6,29 +6,19 @@ import hashlib
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, replace
-from datetime import datetime
 from pathlib import Path
-from typing import Any, NamedTuple, Protocol
+from typing import Any
 
 from bot.store import RunRecord, Store
+from connectors.base import InvoiceBilling
 from connectors.files import FileBilling, RawEventsFile
 from rules.config import Config
 from rules.match import Joined
-from rules.models import InvoiceLine, MeteredRecord, Period
+from rules.models import Period
 from rules.periods import infer_periods, label_for
 from rules.reconcile import CALCULATION_VERSION, reconcile, run_id_for
 from rules.report import report_json
 from rules.timeline import build_timeline
-
-
-class InvoiceRecords(NamedTuple):
-    """What a platform says about one invoice, in the canonical shapes."""
-
-    customer_id: str
-    period_start: datetime
-    period_end: datetime
-    lines: list[InvoiceLine]
-    metered: list[MeteredRecord]
 
 
 @dataclass(frozen=True)
@@ -72,12 +62,6 @@ def reconcile_files(
     if store is not None:
         stored = save(store, document, config, fingerprints.result(), periods, customers)
     return RunResult(report=document, stored=stored)
-
-
-class InvoiceBilling(Protocol):
-    """A platform connector that reads one invoice's records (Stripe, Orb, ...)."""
-
-    def invoice_records(self, invoice_id: str) -> InvoiceRecords: ...
 
 
 def event_run_id(provider: str, event_id: str) -> str:

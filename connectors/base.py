@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 from collections.abc import Iterable
-from typing import Protocol
+from datetime import datetime
+from typing import NamedTuple, Protocol
 
 from rules.models import InvoiceLine, MeteredRecord, RawAggregate
 from rules.timeline import Timeline
@@ -27,6 +28,26 @@ class UpstreamUnavailable(ConnectorError):
 
 class UpstreamRejected(ConnectorError):
     """The platform refused the request: retrying will not help."""
+
+
+class InvoiceRecords(NamedTuple):
+    """What a platform says about one invoice, in the canonical shapes."""
+
+    customer_id: str
+    period_start: datetime
+    period_end: datetime
+    lines: list[InvoiceLine]
+    metered: list[MeteredRecord]
+    status: str = ""  # the platform's invoice status: draft, open, issued, paid, void...
+
+
+class InvoiceBilling(Protocol):
+    """A billing platform read one invoice at a time (Stripe, Orb, ...), and the one write
+    the reconciliation itself may make: holding a draft back from finalizing."""
+
+    def invoice_records(self, invoice_id: str) -> InvoiceRecords: ...
+
+    def hold_draft(self, invoice_id: str, reason: str, run_id: str) -> None: ...
 
 
 class UsageSource(Protocol):

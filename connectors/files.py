@@ -230,13 +230,19 @@ class RawEventsFile:
         evidence_limit: int,
         zone: str = "UTC",
         progress: Callable[[duckdb.DuckDBPyConnection], Any] | None = None,
+        customers: frozenset[str] = frozenset(),
     ) -> list[RawAggregate]:
+        """Aggregates on the timeline; with `customers`, only their events are read."""
         types = self.table.require(RAW_COLUMNS, ("received_at",))
-        sql = aggregate_sql(self.table.relation(RAW_FIELDS), types, timeline, evidence_limit, zone)
+        relation = self.table.relation(RAW_FIELDS)
+        if customers:
+            relation = f"(SELECT * FROM {relation} WHERE list_contains($customers, CAST(customer_id AS VARCHAR)))"
+        sql = aggregate_sql(relation, types, timeline, evidence_limit, zone)
         con = self.table.con
         try:
             with _Watch(con, progress):
-                rows = con.execute(sql).fetchall()
+                params = {"customers": sorted(customers)} if customers else None
+                rows = con.execute(sql, params).fetchall()
         except duckdb.Error as exc:
             raise InputError(f"{self.table.path}: cannot be read: {_first_line(exc)}") from None
         if any(row[-1] for row in rows):

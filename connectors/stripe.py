@@ -63,7 +63,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
-from typing import Any, NamedTuple
+from typing import Any
 from urllib.parse import quote
 
 import stripe
@@ -76,7 +76,7 @@ from tenacity import (
     wait_random_exponential,
 )
 
-from connectors.base import ConnectorError, UpstreamRejected, UpstreamUnavailable
+from connectors.base import ConnectorError, InvoiceRecords, UpstreamRejected, UpstreamUnavailable
 from rules.config import Config, ConfigError
 from rules.models import InvoiceLine, MeteredRecord
 from rules.pricing import minor_exponent
@@ -109,16 +109,6 @@ def make_client(
         max_network_retries=max_network_retries,
         http_client=stripe.RequestsClient(timeout=timeout),
     )
-
-
-class InvoiceRecords(NamedTuple):
-    """What one invoice says: unpacks as (customer_id, period_start, period_end, lines, metered)."""
-
-    customer_id: str
-    period_start: datetime
-    period_end: datetime
-    lines: list[InvoiceLine]
-    metered: list[MeteredRecord]
 
 
 @dataclass(frozen=True)
@@ -186,7 +176,18 @@ class StripeBilling:
         period = self._usage_period(lines, invoice)
         credits = self._credit_lines(invoice_id, customer_id, lines, period)
         metered = self._metered(stripe_customer, customer_id, lines, period)
-        return InvoiceRecords(customer_id, period[0], period[1], lines + credits, metered)
+        return InvoiceRecords(
+            customer_id, period[0], period[1], lines + credits, metered, str(invoice.get("status") or "")
+        )
+
+    def hold_draft(self, invoice_id: str, reason: str, run_id: str) -> None:
+        """Turn a draft's automatic finalization off, saying why in its metadata (idempotent)."""
+        params = {
+            "auto_advance": False,
+            "metadata": {"recon_hold": reason[:500], "recon_run_id": run_id},
+        }
+        options = {"idempotency_key": f"recon-hold-{invoice_id}-{run_id}"}
+        self._retrying(self._post_once, f"/v1/invoices/{_path(invoice_id)}", params, options)
 
     def customer_id(self, stripe_customer: str) -> str:
         """The product's customer id for a Stripe customer id, by the configured rule."""
@@ -315,6 +316,14 @@ class StripeBilling:
     def _get(self, path: str, **params: Any) -> Json:
         """One GET, retried on `UpstreamUnavailable`, parsed with decimals."""
         return self._retrying(self._get_once, path, params)
+
+    def _post_once(self, path: str, params: dict[str, Any], options: dict[str, Any]) -> Json:
+        try:
+            response = self._client.raw_request("post", path, options=options, **params)
+        except stripe.StripeError as exc:
+            raise translate_error(exc, f"POST {path}") from exc
+        body: Json = json.loads(response.body, parse_float=Decimal)
+        return body
 
     def _get_once(self, path: str, params: dict[str, Any]) -> Json:
         try:
