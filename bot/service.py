@@ -6,6 +6,7 @@ import hashlib
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, replace
+from decimal import Decimal
 from pathlib import Path
 from typing import Any
 
@@ -76,6 +77,7 @@ def reconcile_invoice(
     store: Store,
     invoice_id: str,
     run_id: str,
+    provider: str = "stripe",
 ) -> str:
     """Reconcile an invoice's customer over the invoice's period and every configured meter.
 
@@ -115,7 +117,27 @@ def reconcile_invoice(
     )
     document = report_json(report, _scope(joined))
     store.save_run(record, document["summary"], document["lines"])
+    if records.status == "draft":
+        hold_if_material(config.platforms.get(provider, {}), billing, invoice_id, run_id, document["lines"])
     return run_id
+
+
+MATERIAL = ("under_bill", "over_bill", "unmapped")
+
+
+def hold_if_material(
+    rules: dict[str, Any], billing: InvoiceBilling, invoice_id: str, run_id: str, lines: list[dict[str, Any]]
+) -> bool:
+    """With `hold_drafts` on, stop a draft with a material break from finalizing until someone decides."""
+    if not rules.get("hold_drafts"):
+        return False
+    floor = rules.get("hold_min_amount", Decimal(0))
+    breaks = [ln for ln in lines if ln["class"] in MATERIAL and abs(Decimal(ln["delta_amount"])) >= floor]
+    if not breaks:
+        return False
+    reason = "; ".join(f"{ln['meter']}: {ln['class']} {ln['delta_amount']} {ln['currency']}" for ln in breaks)
+    billing.hold_draft(invoice_id, f"overage-recon run {run_id}: {reason}", run_id)
+    return True
 
 
 def _scope(joined: Joined) -> dict[str, Any]:

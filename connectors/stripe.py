@@ -182,12 +182,9 @@ class StripeBilling:
 
     def hold_draft(self, invoice_id: str, reason: str, run_id: str) -> None:
         """Turn a draft's automatic finalization off, saying why in its metadata (idempotent)."""
-        params = {
-            "auto_advance": False,
-            "metadata": {"recon_hold": reason[:500], "recon_run_id": run_id},
-        }
-        options = {"idempotency_key": f"recon-hold-{invoice_id}-{run_id}"}
-        self._retrying(self._post_once, f"/v1/invoices/{_path(invoice_id)}", params, options)
+        params: Any = {"auto_advance": False, "metadata": {"recon_hold": reason[:500], "recon_run_id": run_id}}
+        options: Any = {"idempotency_key": f"recon-hold-{invoice_id}-{run_id}"}
+        self._retrying(self._hold_once, invoice_id, params, options)
 
     def customer_id(self, stripe_customer: str) -> str:
         """The product's customer id for a Stripe customer id, by the configured rule."""
@@ -317,13 +314,11 @@ class StripeBilling:
         """One GET, retried on `UpstreamUnavailable`, parsed with decimals."""
         return self._retrying(self._get_once, path, params)
 
-    def _post_once(self, path: str, params: dict[str, Any], options: dict[str, Any]) -> Json:
+    def _hold_once(self, invoice_id: str, params: Any, options: Any) -> None:
         try:
-            response = self._client.raw_request("post", path, options=options, **params)
+            self._client.v1.invoices.update(invoice_id, params, options)
         except stripe.StripeError as exc:
-            raise translate_error(exc, f"POST {path}") from exc
-        body: Json = json.loads(response.body, parse_float=Decimal)
-        return body
+            raise translate_error(exc, f"POST /v1/invoices/{invoice_id}") from exc
 
     def _get_once(self, path: str, params: dict[str, Any]) -> Json:
         try:

@@ -135,7 +135,8 @@ def parse_config(text: str) -> Config:
         period=period,
         meters=meters,
         routes=routes,
-        platforms={k: _table(doc[k], k) for k in ("stripe", "orb", "approvals") if k in doc},
+        platforms={k: _platform(doc[k], k) for k in ("stripe", "orb") if k in doc}
+        | ({"approvals": _table(doc["approvals"], "approvals")} if "approvals" in doc else {}),
         evidence_limit=_int(evidence.get("limit", 100), "evidence.limit", minimum=0),
     )
 
@@ -332,6 +333,21 @@ def _instant(value: Any, where: str, zone: ZoneInfo) -> datetime:
     if moment.tzinfo is None:
         moment = moment.replace(tzinfo=zone)
     return moment.astimezone(ZoneInfo("UTC"))
+
+
+def _platform(table: Any, where: str) -> dict[str, Any]:
+    """`[stripe]` / `[orb]`: customer identity and the draft hold switch."""
+    table = _table(table, where)
+    _only(table, {"customer_id_from", "hold_drafts", "hold_min_amount"}, where)
+    rules: dict[str, Any] = {}
+    if "customer_id_from" in table:
+        rules["customer_id_from"] = _str(table["customer_id_from"], f"{where}.customer_id_from")
+    hold = table.get("hold_drafts", False)
+    if not isinstance(hold, bool):
+        raise ConfigError(f"{where}.hold_drafts: must be true or false (got {hold!r})")
+    rules["hold_drafts"] = hold
+    rules["hold_min_amount"] = _decimal(table.get("hold_min_amount", 0), f"{where}.hold_min_amount")
+    return rules
 
 
 def _route(table: Any, where: str) -> Route:

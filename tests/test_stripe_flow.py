@@ -10,6 +10,7 @@ import json
 from datetime import UTC, datetime, timedelta
 
 import pytest
+from responses import matchers
 
 from bot.app import create_app
 from bot.config import Settings
@@ -177,3 +178,47 @@ def test_the_sweep_enqueues_invoices_no_event_covers(world, stripe_api):
     assert sweep_stripe(world, billing, NOW - timedelta(hours=72)) == 1
 
     assert [(r["event_id"], r["type"]) for r in world.store.events()][1] == ("sweep_in_lost", "invoice.swept")
+
+
+def hold_world(world, tmp_path, extra: str):
+    config = parse_config(CONFIG + extra)
+    billing = {"stripe": lambda: StripeBilling(make_client("sk_test_1", BASE), config, wait_initial=0, wait_max=0)}
+    return Context(config, tmp_path / "recon.toml", world.store, billing)
+
+
+def test_a_material_break_on_a_draft_holds_it_when_switched_on(world, stripe_api, tmp_path):
+    context = hold_world(world, tmp_path, '\n[stripe]\nhold_drafts = true\nhold_min_amount = "50.00"\n')
+    enqueue(context, "evt_1")
+    serve_invoice(stripe_api, [line("il_api", quantity="120", amount=14000)], status="draft")
+    serve_summaries(stripe_api, "mtr_api", OCT, NOV, [100, 20])
+    run_id = event_run_id("stripe", "evt_1")
+    held = stripe_api.post(
+        f"{BASE}/v1/invoices/{INVOICE}",
+        json=invoice(status="draft", auto_advance=False),
+        match=[
+            matchers.urlencoded_params_matcher(
+                {
+                    "auto_advance": "false",
+                    "metadata[recon_hold]": f"overage-recon run {run_id}: api_calls: under_bill 60.00 usd",
+                    "metadata[recon_run_id]": run_id,
+                }
+            ),
+            matchers.header_matcher({"Idempotency-Key": f"recon-hold-{INVOICE}-{run_id}"}),
+        ],
+    )
+
+    assert worker(context).run_once()
+
+    assert held.call_count == 1
+
+
+@pytest.mark.parametrize("extra", ["", '\n[stripe]\nhold_drafts = true\nhold_min_amount = "60.01"\n'])
+def test_drafts_are_not_held_by_default_or_below_the_threshold(world, stripe_api, tmp_path, extra):
+    context = hold_world(world, tmp_path, extra)
+    enqueue(context, "evt_1")
+    serve_invoice(stripe_api, [line("il_api", quantity="120", amount=14000)], status="draft")
+    serve_summaries(stripe_api, "mtr_api", OCT, NOV, [100, 20])
+
+    assert worker(context).run_once()  # an unexpected POST would fail: responses knows no such URL
+
+    assert world.store.events()[0]["status"] == "done"
