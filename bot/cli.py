@@ -197,7 +197,7 @@ def serve(host: str, port: int) -> None:
     """The web app, for development (production runs the Procfile's gunicorn)."""
     from bot.app import create_app
 
-    create_app().run(host=host, port=port)
+    create_app().run(host=host, port=port, threaded=False)  # one SQLite connection per process
 
 
 @main.command()
