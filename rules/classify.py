@@ -47,6 +47,24 @@ class Reading:
     break_at: str = "none"
 
 
+@dataclass(frozen=True)
+class Terms:
+    """The customer's plan for the period: terms at its start, and changes inside it."""
+
+    included: Decimal
+    pricing: Pricing
+    changes: tuple[PlanChange, ...]
+
+
+@dataclass(frozen=True)
+class Money:
+    expected: Decimal  # the price of the incurred units over the included ones
+    usage: Decimal  # what the usage and proration lines charge
+    adjustments: Decimal  # what the credit and adjustment lines change
+    priced: Decimal  # what the usage lines should charge for the units they carry
+    drift: Decimal  # rounding allowed: one minor unit per line beyond the first
+
+
 def judge(
     facts: KeyFacts, meter: Meter | None, period: Period, segments: dict[int, Segment], evidence_limit: int
 ) -> ReconLine:
@@ -54,38 +72,27 @@ def judge(
         return _unmapped(facts, meter, period, evidence_limit, None)
     foreign = sorted({ln.currency for ln in facts.lines} - {meter.currency})
     if foreign:
-        return _unmapped(
-            facts,
-            meter,
-            period,
-            evidence_limit,
-            f"invoice lines in {', '.join(foreign)}, the meter is priced in {meter.currency}",
-        )
+        why = f"invoice lines in {', '.join(foreign)}, the meter is priced in {meter.currency}"
+        return _unmapped(facts, meter, period, evidence_limit, why)
+    terms = _terms(meter, period, facts.customer_id)
     units = _units(facts, meter)
-    plan = _plan_in(meter, period, facts.customer_id)
     usage = [ln for ln in facts.lines if ln.kind in ("usage", "proration")]
-    base_included, base_pricing = _terms_at(meter, period.start, facts.customer_id)
-    free = not usage and price(base_pricing, units.on_time - base_included) == 0
+    free = not usage and price(terms.pricing, units.on_time - terms.included) == 0
     reading = _read(units, meter.tolerance, missing_line_is_free=free)
-    expected = _expected_amount(facts, meter, period, plan, segments)
-    usage_amount = sum((ln.amount for ln in usage), ZERO)
-    adjustments = sum((ln.amount for ln in facts.lines if ln.kind in ("credit", "adjustment")), ZERO)
-    is_proration = bool(plan) or any(ln.kind == "proration" for ln in facts.lines)
-    if reading.agrees:
-        # The usage lines must be priced right for the units they carry.
-        priced = expected if plan else round_money(price(base_pricing, units.invoiced - base_included), meter.currency)
-        rounding_drift = Decimal(max(len(usage) - 1, 0)).scaleb(-minor_exponent(meter.currency))
-        gap = priced - usage_amount
-        if abs(gap) <= rounding_drift:
-            klass, cause = _agreed(units, reading, adjustments, is_proration, bool(plan), meter.currency, usage)
-            break_at = reading.break_at
-        else:
-            klass, break_at = ("under_bill" if gap > 0 else "over_bill"), "billing"
-            cause = _mispriced(units.invoiced, usage_amount, priced, is_proration, adjustments, meter.currency)
-    else:
+    money = _money(facts, meter, period, terms, segments, units, usage)
+    is_proration = bool(terms.changes) or any(ln.kind == "proration" for ln in facts.lines)
+    if not reading.agrees:
         klass, break_at = _direction(units), reading.break_at
-        cause = _unit_cause(units, facts, adjustments, meter.currency, usage)
-    included = _included(meter, period, plan, facts.customer_id)
+        cause = _unit_cause(units, facts, money.adjustments, meter.currency, usage)
+    elif abs(money.priced - money.usage) > money.drift:
+        klass, break_at = ("under_bill" if money.priced > money.usage else "over_bill"), "billing"
+        cause = _mispriced(units.invoiced, money, is_proration, meter.currency)
+    else:
+        klass, cause = _agreed(
+            units, reading, money.adjustments, is_proration, bool(terms.changes), meter.currency, usage
+        )
+        break_at = reading.break_at
+    included = _included(meter, period, terms, facts.customer_id)
     return ReconLine(
         customer_id=facts.customer_id,
         meter=facts.meter,
@@ -97,16 +104,39 @@ def judge(
         invoiced_units=units.invoiced,
         incurred_overage=max(units.raw - included, ZERO),
         invoiced_overage=max(units.invoiced - included, ZERO),
-        expected_amount=expected,
-        invoiced_amount=round_money(usage_amount + adjustments, meter.currency),
-        credit_amount=round_money(adjustments, meter.currency),
+        expected_amount=money.expected,
+        invoiced_amount=round_money(money.usage + money.adjustments, meter.currency),
+        credit_amount=round_money(money.adjustments, meter.currency),
         delta_units=units.raw - units.invoiced,
-        delta_amount=round_money(expected - usage_amount - adjustments, meter.currency),
+        delta_amount=round_money(money.expected - money.usage - money.adjustments, meter.currency),
         currency=meter.currency,
         klass=klass,
         break_at=break_at,
         cause=_with_duplicates(cause, facts),
         evidence=_evidence(facts, evidence_limit, reading.clears),
+    )
+
+
+def _money(
+    facts: KeyFacts,
+    meter: Meter,
+    period: Period,
+    terms: Terms,
+    segments: dict[int, Segment],
+    units: Units,
+    usage: list[InvoiceLine],
+) -> Money:
+    expected = _expected_amount(facts, meter, period, terms, segments)
+    if terms.changes:
+        priced = expected
+    else:
+        priced = round_money(price(terms.pricing, units.invoiced - terms.included), meter.currency)
+    return Money(
+        expected=expected,
+        usage=sum((ln.amount for ln in usage), ZERO),
+        adjustments=sum((ln.amount for ln in facts.lines if ln.kind in ("credit", "adjustment")), ZERO),
+        priced=priced,
+        drift=Decimal(max(len(usage) - 1, 0)).scaleb(-minor_exponent(meter.currency)),
     )
 
 
@@ -167,9 +197,11 @@ def _applies(change: PlanChange, customer: str) -> bool:
     return change.customer is None or change.customer == customer
 
 
-def _plan_in(meter: Meter, period: Period, customer: str) -> tuple[PlanChange, ...]:
-    """The customer's plan changes that take effect inside the period (not at its start)."""
-    return tuple(c for c in meter.plan if period.start < c.effective < period.end and _applies(c, customer))
+def _terms(meter: Meter, period: Period, customer: str) -> Terms:
+    """The terms in force at the period's start, and the customer's changes inside it."""
+    included, pricing = _terms_at(meter, period.start, customer)
+    changes = tuple(c for c in meter.plan if period.start < c.effective < period.end and _applies(c, customer))
+    return Terms(included, pricing, changes)
 
 
 def _terms_at(meter: Meter, moment: datetime, customer: str) -> tuple[Decimal, Pricing]:
@@ -181,12 +213,12 @@ def _terms_at(meter: Meter, moment: datetime, customer: str) -> tuple[Decimal, P
     return included, pricing
 
 
-def _included(meter: Meter, period: Period, plan: tuple[PlanChange, ...], customer: str) -> Decimal:
+def _included(meter: Meter, period: Period, terms: Terms, customer: str) -> Decimal:
     """Included units for the period, prorated by time across plan changes."""
-    if not plan:
-        return _terms_at(meter, period.start, customer)[0]
+    if not terms.changes:
+        return terms.included
     length = Decimal((period.end - period.start).total_seconds())
-    edges = [period.start, *(c.effective for c in plan), period.end]
+    edges = [period.start, *(c.effective for c in terms.changes), period.end]
     total = ZERO
     for start, end in zip(edges, edges[1:], strict=False):
         share = Decimal((end - start).total_seconds()) / length
@@ -195,13 +227,12 @@ def _included(meter: Meter, period: Period, plan: tuple[PlanChange, ...], custom
 
 
 def _expected_amount(
-    facts: KeyFacts, meter: Meter, period: Period, plan: tuple[PlanChange, ...], segments: dict[int, Segment]
+    facts: KeyFacts, meter: Meter, period: Period, terms: Terms, segments: dict[int, Segment]
 ) -> Decimal:
     """The price of the incurred units over the included ones, prorated across plan changes."""
-    if not plan:
-        included, pricing = _terms_at(meter, period.start, facts.customer_id)
+    if not terms.changes:
         units = billable_units(facts.raw, meter.unit_size, meter.rounding, meter.precision)
-        return round_money(price(pricing, units - included), meter.currency)
+        return round_money(price(terms.pricing, units - terms.included), meter.currency)
     length = Decimal((period.end - period.start).total_seconds())
     total = ZERO
     for index, segment in segments.items():
@@ -225,7 +256,7 @@ def _agreed(
 ) -> tuple[str, str]:
     if adjustments != 0:
         word = "credit" if adjustments < 0 else "adjustment"
-        return "credit", f"units agree; a {word} of {_money(abs(adjustments), currency)} explains the difference"
+        return "credit", f"units agree; a {word} of {_text(abs(adjustments), currency)} explains the difference"
     if is_proration:
         how = (
             "prorated across the plan change"
@@ -242,16 +273,14 @@ def _agreed(
     return "match", "raw, metered and invoiced agree"
 
 
-def _mispriced(
-    invoiced: Decimal, charged: Decimal, priced: Decimal, is_proration: bool, adjustments: Decimal, currency: str
-) -> str:
+def _mispriced(invoiced: Decimal, money: Money, is_proration: bool, currency: str) -> str:
     what = "prorated amount" if is_proration else "amount"
     cause = (
-        f"units agree but {invoiced} units are charged {_money(charged, currency)}; "
-        f"the {what} should be {_money(priced, currency)}"
+        f"units agree but {invoiced} units are charged {_text(money.usage, currency)}; "
+        f"the {what} should be {_text(money.priced, currency)}"
     )
-    if adjustments:
-        cause += f"; a credit of {_money(abs(adjustments), currency)} explains part"
+    if money.adjustments:
+        cause += f"; a credit of {_text(abs(money.adjustments), currency)} explains part"
     return cause
 
 
@@ -271,7 +300,7 @@ def _unit_cause(units: Units, facts: KeyFacts, adjustments: Decimal, currency: s
     if units.late:
         parts.append(f"{units.late} late units expected next cycle")
     if adjustments:
-        parts.append(f"a credit of {_money(abs(adjustments), currency)} explains part")
+        parts.append(f"a credit of {_text(abs(adjustments), currency)} explains part")
     return "; ".join(parts) or "units disagree"
 
 
@@ -284,7 +313,7 @@ def _with_duplicates(cause: str, facts: KeyFacts) -> str:
     return f"{cause}; {note}"
 
 
-def _money(amount: Decimal, currency: str) -> str:
+def _text(amount: Decimal, currency: str) -> str:
     return f"{round_money(amount, currency)} {currency.upper()}"
 
 
