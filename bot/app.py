@@ -18,7 +18,9 @@ def create_app(settings: Settings | None = None) -> Flask:
     app = Flask(__name__)
     app.config["SETTINGS"] = settings
     app.config["MAX_CONTENT_LENGTH"] = settings.webhook_max_bytes
-    app.extensions["store"] = Store.open(settings.database_url)
+    store = Store.open(settings.database_url)
+    store.defer_checkpoints()  # the worker checkpoints when idle: no WAL stall in a webhook's answer
+    app.extensions["store"] = store
     app.extensions["verifiers"] = verifiers(settings)
     app.register_blueprint(api)
     app.register_blueprint(webhooks)

@@ -96,9 +96,9 @@ def _text(body: bytes) -> str:
         raise MalformedEvent("body is not UTF-8") from None
 
 
-def _json_object(body: bytes) -> dict[str, Any]:
+def _json_object(text: str) -> dict[str, Any]:
     try:
-        payload = json.loads(body)
+        payload = json.loads(text)
     except ValueError:
         raise MalformedEvent("body is not JSON") from None
     if not isinstance(payload, dict):

@@ -248,10 +248,11 @@ class Store:
 
     def save_event(self, event: Any) -> bool:
         """Store a verified event; False (and nothing changed) if its id is already stored."""
+        received = now()
         cursor = self.db.conn.execute(
             """INSERT INTO inbox (provider, event_id, type, account, subject, body, received_at, available_at)
                VALUES (?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT DO NOTHING""",
-            [event.provider, event.event_id, event.type, event.account, event.subject, event.body, now(), now()],
+            [event.provider, event.event_id, event.type, event.account, event.subject, event.body, received, received],
         )
         self.db.conn.commit()
         return cursor.rowcount == 1
@@ -378,6 +379,15 @@ class Store:
                 }
             )
         return items
+
+    def defer_checkpoints(self, backstop_pages: int = 10_000) -> None:
+        """Leave WAL checkpoints to `checkpoint()` (the worker's idle loop), off the request path;
+        SQLite still checkpoints by itself past `backstop_pages`."""
+        self.db.execute(f"PRAGMA wal_autocheckpoint = {int(backstop_pages)}")
+
+    def checkpoint(self) -> None:
+        """Move the WAL into the database without blocking readers or writers."""
+        self.db.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchall()
 
     def ping(self) -> bool:
         try:

@@ -15,6 +15,8 @@ from bot.signatures import MalformedEvent, SignatureInvalid, Verifier
 
 log = logging.getLogger(__name__)
 webhooks = Blueprint("webhooks", __name__)
+STORED, DUPLICATE = '{"duplicate":false,"received":true}', '{"duplicate":true,"received":true}'
+JSON = {"Content-Type": "application/json"}
 
 
 @webhooks.post("/webhooks/<provider>")
@@ -32,5 +34,5 @@ def receive(provider: str) -> ResponseReturnValue:
         log.warning("webhook %s refused: %s", provider, exc)
         return jsonify(error=str(exc)), 400
     stored = current_app.extensions["store"].save_event(event)
-    log.info("webhook %s %s %s %s", provider, event.event_id, event.type, "stored" if stored else "duplicate")
-    return jsonify(received=True, duplicate=not stored), 200
+    log.debug("webhook %s %s %s %s", provider, event.event_id, event.type, "stored" if stored else "duplicate")
+    return (STORED if stored else DUPLICATE), 200, JSON

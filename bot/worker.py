@@ -76,6 +76,7 @@ class Worker:
         """Process events until `stop` is set; `between` runs when the inbox is empty (the sweep)."""
         while not stop.is_set():
             if not self.run_once():
+                self.store.checkpoint()
                 if between is not None:
                     between()
                 stop.wait(idle)
