@@ -1,9 +1,11 @@
 """What the worker does with each kind of platform event (a closed set; the rest are ignored).
 
-Invoice events and credit notes reconcile the invoice they are about, always
-re-reading it from the API: events arrive late, twice and out of order. A plan
-change or a void is recorded; the proration it causes is judged from the lines of
-the invoice that carries it.
+Each platform is a `Platform`: which event types reconcile the invoice they are
+about, which are only recorded, how to find the invoice in an event, and what a
+sweep event looks like. One generic handler reconciles, always re-reading the
+invoice from the API: events arrive late, twice and out of order. A plan change or
+a void is recorded; the proration it causes is judged from the lines of the
+invoice that carries it.
 """
 
 from __future__ import annotations
@@ -13,10 +15,12 @@ import logging
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime, timedelta
+from decimal import Decimal
 from pathlib import Path
+from typing import Any
 
 from bot.service import event_run_id, reconcile_invoice
-from bot.signatures import InboundEvent, stripe_invoice_of
+from bot.signatures import InboundEvent, orb_invoice_of, stripe_invoice_of
 from bot.store import Claimed, Store
 from bot.worker import Handler, Outcome
 from connectors.base import InvoiceBilling
@@ -24,9 +28,7 @@ from connectors.files import RawEventsFile
 from rules.config import Config
 
 log = logging.getLogger(__name__)
-
-STRIPE_RECONCILE = ("invoice.created", "invoice.finalized", "invoice.updated", "credit_note.created", "invoice.swept")
-STRIPE_RECORD_ONLY = ("invoice.voided", "customer.subscription.updated")
+SWEPT = "invoice.swept"  # our own event type: an invoice the sweep found with no event
 
 
 class NotConfigured(RuntimeError):
@@ -52,37 +54,94 @@ class Context:
         return factory()
 
 
-def stripe_handlers(context: Context) -> dict[tuple[str, str], Handler]:
+@dataclass(frozen=True)
+class Platform:
+    """What the worker needs to know of one platform's events."""
+
+    name: str
+    reconcile: tuple[str, ...]  # event types whose invoice is reconciled
+    record_only: tuple[str, ...]  # event types kept as done, with no run
+    invoice_of: Callable[[dict[str, Any]], str | None]
+    swept: Callable[[str], dict[str, Any]]  # the body of a sweep event for an invoice
+
+
+STRIPE = Platform(
+    name="stripe",
+    reconcile=("invoice.created", "invoice.finalized", "invoice.updated", "credit_note.created", SWEPT),
+    record_only=("invoice.voided", "customer.subscription.updated"),
+    invoice_of=stripe_invoice_of,
+    swept=lambda invoice_id: {
+        "object": "event",
+        "type": SWEPT,
+        "data": {"object": {"object": "invoice", "id": invoice_id}},
+    },
+)
+ORB = Platform(
+    name="orb",
+    reconcile=(
+        "invoice.issued",
+        "invoice.issued_summary",  # summary webhooks: no line items, the invoice is fetched anyway
+        "invoice.edited",
+        "credit_note.issued",
+        "credit_note.marked_as_void",
+        SWEPT,
+    ),
+    # A plan change's proration is judged from the lines of the invoice that carries it.
+    record_only=("subscription.plan_changed", "invoice.manually_marked_as_void"),
+    invoice_of=orb_invoice_of,
+    swept=lambda invoice_id: {"id": f"sweep_{invoice_id}", "type": SWEPT, "invoice": {"id": invoice_id}},
+)
+PLATFORMS = {p.name: p for p in (STRIPE, ORB)}
+
+
+def platform_handlers(context: Context, platform: Platform) -> dict[tuple[str, str], Handler]:
+    """One platform's handler table, built from the one reconcile handler."""
+
     def reconcile(claimed: Claimed) -> Outcome:
-        invoice_id = stripe_invoice_of(json.loads(claimed.body))
+        invoice_id = platform.invoice_of(json.loads(claimed.body, parse_float=Decimal))
         if not invoice_id:
             return Outcome("ignored")
         run_id = event_run_id(claimed.provider, claimed.event_id)
-        billing = context.connector("stripe")
-        reconcile_invoice(context.config, billing, context.raw_source(), context.store, invoice_id, run_id)
+        billing = context.connector(platform.name)
+        raw = context.raw_source()
+        reconcile_invoice(context.config, billing, raw, context.store, invoice_id, run_id, platform.name)
         return Outcome("done", run_id)
 
     def record(claimed: Claimed) -> Outcome:
         return Outcome("done")
 
-    handlers = {("stripe", kind): reconcile for kind in STRIPE_RECONCILE}
-    handlers.update({("stripe", kind): record for kind in STRIPE_RECORD_ONLY})
+    handlers = {(platform.name, kind): reconcile for kind in platform.reconcile}
+    handlers.update({(platform.name, kind): record for kind in platform.record_only})
     return handlers
 
 
-def sweep_stripe(context: Context, billing: object, since: datetime) -> int:
-    """Enqueue every invoice created since `since` that no stored event or run covers."""
+def all_handlers(context: Context) -> dict[tuple[str, str], Handler]:
+    """Every platform's handlers: events of a platform with no key fail and are retried."""
+    handlers: dict[tuple[str, str], Handler] = {}
+    for platform in PLATFORMS.values():
+        handlers.update(platform_handlers(context, platform))
+    return handlers
+
+
+def stripe_handlers(context: Context) -> dict[tuple[str, str], Handler]:
+    return platform_handlers(context, STRIPE)
+
+
+def sweep(context: Context, platform: Platform, billing: InvoiceBilling, since: datetime) -> int:
+    """Enqueue every invoice listed since `since` that no stored event or run covers."""
     added = 0
-    for invoice in billing.list_recent_invoices(since):  # type: ignore[attr-defined]
-        if context.store.covers("stripe", invoice.id):
+    for invoice in billing.list_recent_invoices(since):
+        if context.store.covers(platform.name, invoice.id):
             continue
-        body = json.dumps(
-            {"object": "event", "type": "invoice.swept", "data": {"object": {"object": "invoice", "id": invoice.id}}}
-        )
-        event = InboundEvent("stripe", f"sweep_{invoice.id}", "invoice.swept", None, body, subject=invoice.id)
+        body = json.dumps(platform.swept(invoice.id))
+        event = InboundEvent(platform.name, f"sweep_{invoice.id}", SWEPT, None, body, subject=invoice.id)
         added += context.store.save_event(event)
-        log.info("sweep: invoice %s had no event; enqueued", invoice.id)
+        log.info("sweep: %s invoice %s had no event; enqueued", platform.name, invoice.id)
     return added
+
+
+def sweep_stripe(context: Context, billing: InvoiceBilling, since: datetime) -> int:
+    return sweep(context, STRIPE, billing, since)
 
 
 SWEEP_WINDOW = timedelta(hours=72)

@@ -7,33 +7,44 @@ from collections.abc import Callable
 from datetime import UTC, datetime
 
 from bot.config import Settings
-from bot.handlers import SWEEP_WINDOW, Context, stripe_handlers, sweep_stripe
+from bot.handlers import PLATFORMS, SWEEP_WINDOW, Context, all_handlers, sweep
 from bot.store import Store
 from bot.worker import Worker
+from connectors.base import InvoiceBilling
+from connectors.orb import OrbBilling
 from connectors.stripe import StripeBilling, make_client
 from rules.config import Config
 
 
-def build_context(settings: Settings, config: Config) -> Context:
-    billing = {}
+def connectors(settings: Settings, config: Config) -> dict[str, Callable[[], InvoiceBilling]]:
+    """A connector factory for each platform whose API key is set."""
+    billing: dict[str, Callable[[], InvoiceBilling]] = {}
     if settings.stripe_api_key:
         key, base = settings.stripe_api_key, settings.stripe_api_base
         billing["stripe"] = lambda: StripeBilling(make_client(key, base), config)
-    return Context(config, settings.config_path, Store.open(settings.database_url), billing)
+    if settings.orb_api_key:
+        orb_key, orb_base = settings.orb_api_key, settings.orb_api_base
+        billing["orb"] = lambda: OrbBilling(config, orb_key, orb_base)
+    return billing
+
+
+def build_context(settings: Settings, config: Config) -> Context:
+    return Context(config, settings.config_path, Store.open(settings.database_url), connectors(settings, config))
 
 
 def build_worker(settings: Settings, config: Config) -> tuple[Context, Worker]:
     context = build_context(settings, config)
-    job = Worker(context.store, stripe_handlers(context), renewer=lambda: Store.open(settings.database_url))
+    job = Worker(context.store, all_handlers(context), renewer=lambda: Store.open(settings.database_url))
     return context, job
 
 
 def sweep_now(context: Context) -> int:
-    """List the platform's recent invoices and enqueue any that no stored event covers."""
-    if "stripe" not in context.billing:
-        return 0
+    """List each configured platform's recent invoices and enqueue any that no stored event covers."""
     since = datetime.now(UTC) - SWEEP_WINDOW
-    return sweep_stripe(context, context.billing["stripe"](), since)
+    added = 0
+    for name, factory in context.billing.items():
+        added += sweep(context, PLATFORMS[name], factory(), since)
+    return added
 
 
 def sweep_due(context: Context, settings: Settings, every: float) -> Callable[[], None]:

@@ -7,14 +7,19 @@ A verifier takes the raw body and the request headers and returns an
 
 from __future__ import annotations
 
+import hashlib
+import hmac
 import json
-from collections.abc import Mapping
-from dataclasses import dataclass
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
+from decimal import Decimal
 from typing import Any, Protocol
 
 import stripe
 
 STRIPE_TOLERANCE_SECONDS = 300  # the SDK's default tolerance
+ORB_TOLERANCE = timedelta(minutes=5)  # the Orb SDK's window, both ways
 
 
 class SignatureInvalid(ValueError):
@@ -75,6 +80,69 @@ class StripeVerifier:
         return True
 
 
+def utc_now() -> datetime:
+    return datetime.now(UTC)
+
+
+@dataclass(frozen=True)
+class OrbVerifier:
+    """`X-Orb-Signature` checked against each secret in turn (rotation), as Orb's SDK checks it.
+
+    Signed bytes: `v1:` + the `X-Orb-Timestamp` header exactly as sent + `:` + the raw body,
+    HMAC-SHA256 keyed with the secret's UTF-8 bytes, lowercase hex; the header holds
+    space-separated `v1=<hex>` entries and any one may match. The timestamp (ISO-8601,
+    UTC when it has no offset) must be within 5 minutes of now, either way. The clock is
+    a field so the SDK's own test vector (from 2024) can be checked.
+    """
+
+    secrets: tuple[str, ...]
+    tolerance: timedelta = ORB_TOLERANCE
+    provider: str = "orb"
+    clock: Callable[[], datetime] = field(default=utc_now, compare=False)
+
+    def verify(self, body: bytes, headers: Mapping[str, str]) -> InboundEvent:
+        stamp, header = headers.get("X-Orb-Timestamp"), headers.get("X-Orb-Signature")
+        if not stamp or not header:
+            raise SignatureInvalid("missing X-Orb-Timestamp or X-Orb-Signature header")
+        self._check_time(stamp)
+        signed = b"v1:" + stamp.encode() + b":" + body
+        given = [value for version, _, value in (p.partition("=") for p in header.split(" ")) if version == "v1"]
+        if not any(self._matches(signed, secret, given) for secret in self.secrets):
+            raise SignatureInvalid("no configured secret matches the X-Orb-Signature")
+        payload = _json_object(_text(body), parse_float=Decimal)
+        if not isinstance(payload.get("id"), str) or not isinstance(payload.get("type"), str):
+            raise MalformedEvent("not an Orb event (id or type missing)")
+        if not payload["id"] or not payload["type"]:
+            raise MalformedEvent("not an Orb event (id or type empty)")
+        return InboundEvent("orb", payload["id"], payload["type"], None, _text(body), subject=orb_invoice_of(payload))
+
+    def _check_time(self, stamp: str) -> None:
+        try:
+            moment = datetime.fromisoformat(stamp)
+        except ValueError:
+            raise SignatureInvalid("X-Orb-Timestamp is not an ISO-8601 time") from None
+        if moment.tzinfo is None:
+            moment = moment.replace(tzinfo=UTC)
+        if abs(self.clock() - moment) > self.tolerance:
+            raise SignatureInvalid("X-Orb-Timestamp is more than 5 minutes off")
+
+    @staticmethod
+    def _matches(signed: bytes, secret: str, given: list[str]) -> bool:
+        expected = hmac.new(secret.encode(), signed, hashlib.sha256).hexdigest()
+        return any(hmac.compare_digest(expected, value) for value in given)
+
+
+def orb_invoice_of(payload: dict[str, Any]) -> str | None:
+    """The invoice an Orb event is about: the embedded invoice, or the one a credit note reduces."""
+    invoice = payload.get("invoice")
+    if isinstance(invoice, dict) and isinstance(invoice.get("id"), str):
+        return invoice["id"]
+    note = payload.get("credit_note")
+    if isinstance(note, dict) and isinstance(note.get("invoice_id"), str):
+        return note["invoice_id"]
+    return None
+
+
 def stripe_invoice_of(payload: dict[str, Any]) -> str | None:
     """The invoice a Stripe event is about: the invoice itself, or the one a credit note reduces."""
     data = payload.get("data")
@@ -96,9 +164,9 @@ def _text(body: bytes) -> str:
         raise MalformedEvent("body is not UTF-8") from None
 
 
-def _json_object(text: str) -> dict[str, Any]:
+def _json_object(text: str, parse_float: Callable[[str], Any] = float) -> dict[str, Any]:
     try:
-        payload = json.loads(text)
+        payload = json.loads(text, parse_float=parse_float)
     except ValueError:
         raise MalformedEvent("body is not JSON") from None
     if not isinstance(payload, dict):

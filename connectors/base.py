@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
 from datetime import datetime
+from decimal import Decimal
 from typing import NamedTuple, Protocol
 
 from rules.models import InvoiceLine, MeteredRecord, RawAggregate
@@ -41,13 +43,82 @@ class InvoiceRecords(NamedTuple):
     status: str = ""  # the platform's invoice status: draft, open, issued, paid, void...
 
 
+@dataclass(frozen=True)
+class InvoiceSummary:
+    """An invoice as listed, enough to decide whether to reconcile it."""
+
+    id: str
+    customer: str  # the platform's own customer id (Stripe `cus_...`, Orb customer id)
+    status: str
+    created: datetime
+
+
 class InvoiceBilling(Protocol):
-    """A billing platform read one invoice at a time (Stripe, Orb, ...), and the one write
-    the reconciliation itself may make: holding a draft back from finalizing."""
+    """A billing platform (Stripe, Orb, ...) as the worker and the CLI read it: one invoice at
+    a time, the invoices that may carry a period's usage, the recent ones for the sweep, and
+    the one write the reconciliation itself may make: holding a draft back.
+
+    A third platform is one module that implements these four methods."""
+
+    provider: str
 
     def invoice_records(self, invoice_id: str) -> InvoiceRecords: ...
 
+    def period_invoices(self, start: datetime, end: datetime) -> Iterator[str]:
+        """Ids of every invoice that may hold lines of `[start, end)` (a superset is fine)."""
+        ...
+
+    def list_recent_invoices(self, since: datetime) -> Iterator[InvoiceSummary]: ...
+
     def hold_draft(self, invoice_id: str, reason: str, run_id: str) -> None: ...
+
+
+def period_records(
+    billing: InvoiceBilling, start: datetime, end: datetime, customers: frozenset[str] = frozenset()
+) -> tuple[list[MeteredRecord], list[InvoiceLine]]:
+    """The metered records and invoice lines of `[start, end)` read invoice by invoice.
+
+    Only records whose own span lies inside the period are kept (CONTRACT: a record belongs
+    to the period that contains it), only of `customers` when given; a metered record that
+    two invoices both report (same customer, meter and span) counts once.
+    """
+    metered: dict[tuple[str, str, datetime, datetime], MeteredRecord] = {}
+    lines: list[InvoiceLine] = []
+    for invoice_id in billing.period_invoices(start, end):
+        records = billing.invoice_records(invoice_id)
+        if customers and records.customer_id not in customers:
+            continue
+        lines += [ln for ln in records.lines if _inside(ln.period_start, ln.period_end, start, end)]
+        for m in records.metered:
+            if _inside(m.period_start, m.period_end, start, end):
+                metered.setdefault((m.customer_id, m.meter, m.period_start, m.period_end), m)
+    return list(metered.values()), lines
+
+
+def _inside(span_start: datetime, span_end: datetime, start: datetime, end: datetime) -> bool:
+    if span_start == span_end:
+        return start <= span_start < end
+    return start <= span_start and span_end <= end
+
+
+class WriteBack(Protocol):
+    """Corrections written to a billing platform, each once per idempotency key.
+
+    Both return the platform's id of the object they made."""
+
+    def add_charge(
+        self, customer_id: str, amount: Decimal, currency: str, description: str, idempotency_key: str
+    ) -> str: ...
+
+    def issue_credit(
+        self,
+        customer_id: str,
+        invoice_id: str | None,
+        amount: Decimal,
+        currency: str,
+        description: str,
+        idempotency_key: str,
+    ) -> str: ...
 
 
 class UsageSource(Protocol):

@@ -60,7 +60,6 @@ import json
 import logging
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 from typing import Any
@@ -76,7 +75,13 @@ from tenacity import (
     wait_random_exponential,
 )
 
-from connectors.base import ConnectorError, InvoiceRecords, UpstreamRejected, UpstreamUnavailable
+from connectors.base import (
+    ConnectorError,
+    InvoiceRecords,
+    InvoiceSummary,
+    UpstreamRejected,
+    UpstreamUnavailable,
+)
 from rules.config import Config, ConfigError
 from rules.models import InvoiceLine, MeteredRecord
 from rules.pricing import minor_exponent
@@ -92,6 +97,7 @@ _STRIPE_EXPONENTS = {"isk": 2}
 
 Json = dict[str, Any]
 Span = tuple[datetime, datetime]
+PERIOD_SLACK_BEFORE, PERIOD_SLACK_AFTER = timedelta(days=1), timedelta(days=2)
 
 
 def make_client(
@@ -111,18 +117,10 @@ def make_client(
     )
 
 
-@dataclass(frozen=True)
-class InvoiceSummary:
-    """An invoice as listed, enough to decide whether to reconcile it."""
-
-    id: str
-    stripe_customer: str
-    status: str
-    created: datetime
-
-
 class StripeBilling:
     """Reads invoices, credit notes and meter event summaries through one `StripeClient`."""
+
+    provider = "stripe"
 
     def __init__(
         self,
@@ -202,11 +200,18 @@ class StripeBilling:
             with _payload("invoice list"):
                 summary = InvoiceSummary(
                     id=invoice["id"],
-                    stripe_customer=_id_of(invoice.get("customer")),
+                    customer=_id_of(invoice.get("customer")),
                     status=invoice.get("status") or "",
                     created=_instant(invoice["created"]),
                 )
             yield summary
+
+    def period_invoices(self, start: datetime, end: datetime) -> Iterator[str]:
+        """Invoices created from a day before `start` to two days after `end`: a period's usage
+        is invoiced at its end (in arrears), a plan change's proration within it."""
+        created = {"gte": _unix(start - PERIOD_SLACK_BEFORE), "lt": _unix(end + PERIOD_SLACK_AFTER)}
+        for invoice in self._paginate("/v1/invoices", created=created):
+            yield invoice["id"]
 
     # -- invoice lines --------------------------------------------------------------
 

@@ -49,7 +49,9 @@ class Meter:
     tolerance: Decimal = Decimal(0)
     stripe_meter: str | None = None
     stripe_price: str | None = None
-    orb_metric: str | None = None
+    orb_metric: str | None = None  # Orb billable metric id
+    orb_item: str | None = None  # Orb item id
+    orb_price: str | None = None  # Orb price id or external price id
     plan: tuple[PlanChange, ...] = ()
 
 
@@ -108,6 +110,8 @@ _METER_KEYS = {
     "stripe_meter",
     "stripe_price",
     "orb_metric",
+    "orb_item",
+    "orb_price",
     "pricing",
     "package_size",
     "package_price",
@@ -115,6 +119,7 @@ _METER_KEYS = {
     "tiers",
     "plan",
 }
+_PLATFORM_KEYS = ("stripe_meter", "stripe_price", "orb_metric", "orb_item", "orb_price")
 _PRICING_KEYS = {"pricing", "unit_price", "package_size", "package_price", "package_rounding", "tiers"}
 
 
@@ -241,7 +246,7 @@ def _meters(items: Any, period: PeriodRules) -> dict[str, Meter]:
 def _meter(table: dict[str, Any], where: str, period: PeriodRules) -> Meter:
     _only(table, _METER_KEYS, where)
     name = _str(table.get("name"), f"{where}.name")
-    optional = {k: _str(table[k], f"{where}.{k}") for k in ("stripe_meter", "stripe_price", "orb_metric") if k in table}
+    optional = {k: _str(table[k], f"{where}.{k}") for k in _PLATFORM_KEYS if k in table}
     pricing = _pricing(table, where)
     plan = tuple(
         _plan_change(_table(p, f"{where}.plan[{j}]"), f"{where}.plan[{j}]", period, pricing)
@@ -335,13 +340,21 @@ def _instant(value: Any, where: str, zone: ZoneInfo) -> datetime:
     return moment.astimezone(ZoneInfo("UTC"))
 
 
+_IDENTITIES = {"stripe": ("id",), "orb": ("external_customer_id", "id")}
+
+
 def _platform(table: Any, where: str) -> dict[str, Any]:
     """`[stripe]` / `[orb]`: customer identity and the draft hold switch."""
     table = _table(table, where)
     _only(table, {"customer_id_from", "hold_drafts", "hold_min_amount"}, where)
     rules: dict[str, Any] = {}
     if "customer_id_from" in table:
-        rules["customer_id_from"] = _str(table["customer_id_from"], f"{where}.customer_id_from")
+        rule = _str(table["customer_id_from"], f"{where}.customer_id_from")
+        allowed = _IDENTITIES[where]
+        if rule not in allowed and not (rule.startswith("metadata.") and len(rule) > len("metadata.")):
+            choices = ", ".join(f"'{a}'" for a in allowed)
+            raise ConfigError(f"{where}.customer_id_from: must be {choices} or 'metadata.<key>' (got {rule!r})")
+        rules["customer_id_from"] = rule
     hold = table.get("hold_drafts", False)
     if not isinstance(hold, bool):
         raise ConfigError(f"{where}.hold_drafts: must be true or false (got {hold!r})")
