@@ -28,3 +28,10 @@ def stripe_api() -> Iterator[responses.RequestsMock]:
     """Stripe faked at the HTTP boundary; every registered response must be used."""
     with responses.RequestsMock(assert_all_requests_are_fired=True) as rsps:
         yield rsps
+
+
+@pytest.fixture
+def orb_api() -> Iterator[responses.RequestsMock]:
+    """Orb faked at the HTTP boundary; every registered response must be used."""
+    with responses.RequestsMock(assert_all_requests_are_fired=True) as rsps:
+        yield rsps
