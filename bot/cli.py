@@ -19,9 +19,9 @@ from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 from bot import render
 from bot.config import Settings, SettingsError
 from bot.handlers import NotConfigured
-from bot.service import SourcePaths, reconcile_files
+from bot.service import SourcePaths, reconcile_files, reconcile_platform
 from bot.store import Store, StoreError
-from connectors.base import InputError
+from connectors.base import InputError, InvoiceBilling
 from rules.config import Config, ConfigError, parse_config
 from rules.periods import PeriodError, parse_periods
 from rules.values import parse_instant
@@ -72,6 +72,12 @@ def main() -> None:
 @click.option("--raw", type=click.Path(path_type=Path), help="Raw events file (overrides [sources] raw).")
 @click.option("--metered", type=click.Path(path_type=Path), help="Metered file (overrides [sources] metered).")
 @click.option("--invoiced", type=click.Path(path_type=Path), help="Invoice lines file (overrides [sources] invoiced).")
+@click.option(
+    "--billing",
+    type=click.Choice(["files", "stripe", "orb"]),
+    help="Read metered units and invoice lines from this platform's API for --period "
+    "(default: `stripe:`/`orb:` in [sources], else the files).",
+)
 @click.option("--period", help="YYYY-MM, or START..END; default: the periods the records name.")
 @click.option("--customer", "customers", multiple=True, help="Only this customer (repeatable).")
 @click.option("--format", "fmt", type=click.Choice(["table", "json", "csv"]), default="table", show_default=True)
@@ -84,6 +90,7 @@ def reconcile(
     raw: Path | None,
     metered: Path | None,
     invoiced: Path | None,
+    billing: str | None,
     period: str | None,
     customers: tuple[str, ...],
     fmt: str,
@@ -95,13 +102,60 @@ def reconcile(
     settings = Settings.from_env()
     config_path = config_path or settings.config_path
     config = load_config(config_path)
-    sources = resolve_sources(config, config_path, raw, metered, invoiced)
     periods = parse_periods(period, config.period.zone) if period else None
     store = Store.open(settings.database_url)
-    result = reconcile_files(config, sources, periods, store, frozenset(customers), progress_bar())
+    platform = billing_platform(config, billing, metered, invoiced)
+    if platform is None:
+        sources = resolve_sources(config, config_path, raw, metered, invoiced)
+        result = reconcile_files(config, sources, periods, store, frozenset(customers), progress_bar())
+    else:
+        if periods is None:
+            raise ConfigError(f"--period: required when reading from {platform} (e.g. --period 2026-10)")
+        raw_path = resolve_raw(config, config_path, raw)
+        connector = platform_connector(settings, config, platform)
+        result = reconcile_platform(config, raw_path, connector, periods, store, frozenset(customers), progress_bar())
     write_report(result.report, fmt, out, show_all)
     if route:
         click.echo("recon: --route: routing to Slack and tickets is not built yet; nothing was sent", err=True)
+
+
+PLATFORM_SOURCES = ("stripe:", "orb:")
+
+
+def billing_platform(config: Config, flag: str | None, metered: Path | None, invoiced: Path | None) -> str | None:
+    """The platform whose API gives the metered and invoiced records, or None for files.
+
+    `--billing` wins; else `[sources] metered`/`invoiced` of `stripe:` or `orb:` (both the
+    same platform), unless `--metered`/`--invoiced` name files."""
+    if flag is not None:
+        return None if flag == "files" else flag
+    if metered is not None or invoiced is not None:
+        return None
+    named = {
+        value.rstrip(":")
+        for value in (config.sources.metered, config.sources.invoiced)
+        if value and value.startswith(PLATFORM_SOURCES)
+    }
+    if len(named) > 1:
+        raise ConfigError("sources: metered and invoiced must come from the same platform")
+    return named.pop() if named else None
+
+
+def platform_connector(settings: Settings, config: Config, platform: str) -> InvoiceBilling:
+    from bot.runtime import connectors
+
+    factory = connectors(settings, config).get(platform)
+    if factory is None:
+        raise NotConfigured(f"{platform.upper()}_API_KEY: not set; it is needed to read from {platform}")
+    return factory()
+
+
+def resolve_raw(config: Config, config_path: Path, raw: Path | None) -> Path:
+    if raw is not None:
+        return raw
+    if config.sources.raw is None:
+        raise ConfigError("sources.raw: no raw source (set it in the config or pass --raw)")
+    return config_path.parent / config.sources.raw
 
 
 def resolve_sources(

@@ -11,11 +11,11 @@ from pathlib import Path
 from typing import Any
 
 from bot.store import RunRecord, Store
-from connectors.base import InvoiceBilling
+from connectors.base import InvoiceBilling, period_records
 from connectors.files import FileBilling, RawEventsFile
 from rules.config import Config
 from rules.match import Joined
-from rules.models import Period
+from rules.models import InvoiceLine, MeteredRecord, Period
 from rules.periods import infer_periods, label_for
 from rules.reconcile import CALCULATION_VERSION, reconcile, run_id_for
 from rules.report import report_json
@@ -54,14 +54,55 @@ def reconcile_files(
         if periods is None:
             spans = {(r.period_start, r.period_end) for r in (*metered, *lines)}
             periods = infer_periods(spans, config.period.zone)
-        timeline = build_timeline(periods, config.meters, config.period.grace)
-        aggregates = raw.aggregate(timeline, config.evidence_limit, config.period.timezone, progress)
-        run_id = run_id_for(config.fingerprint, fingerprints.result(), periods, customers)
+        return _reconcile(config, raw, metered, lines, periods, fingerprints.result, store, customers, progress)
+
+
+def reconcile_platform(
+    config: Config,
+    raw_path: Path,
+    billing: InvoiceBilling,
+    periods: tuple[Period, ...],
+    store: Store | None,
+    customers: frozenset[str] = frozenset(),
+    progress: Callable[..., Any] | None = None,
+) -> RunResult:
+    """Reconcile raw events from a file against a platform's metered units and invoice lines
+    for `periods`, read invoice by invoice through the platform's API (`period_records`)."""
+    raw = RawEventsFile(raw_path)
+    metered: list[MeteredRecord] = []
+    lines: list[InvoiceLine] = []
+    for period in periods:
+        found = period_records(billing, period.start, period.end, customers)
+        metered += found[0]
+        lines += found[1]
+    digest = hashlib.sha256(repr((sorted(map(repr, metered)), sorted(map(repr, lines)))).encode()).hexdigest()
+
+    def fingerprints() -> dict[str, str]:
+        return {"raw": raw.fingerprint(), "billing": f"{billing.provider}:{digest}"}
+
+    return _reconcile(config, raw, metered, lines, periods, fingerprints, store, customers, progress)
+
+
+def _reconcile(
+    config: Config,
+    raw: RawEventsFile,
+    metered: list[MeteredRecord],
+    lines: list[InvoiceLine],
+    periods: tuple[Period, ...],
+    fingerprints: Callable[[], dict[str, str]],
+    store: Store | None,
+    customers: frozenset[str],
+    progress: Callable[..., Any] | None,
+) -> RunResult:
+    timeline = build_timeline(periods, config.meters, config.period.grace)
+    aggregates = raw.aggregate(timeline, config.evidence_limit, config.period.timezone, progress)
+    inputs = fingerprints()
+    run_id = run_id_for(config.fingerprint, inputs, periods, customers)
     report, joined = reconcile(config, timeline, aggregates, metered, lines, run_id, customers)
     document = report_json(report, _scope(joined))
     stored = False
     if store is not None:
-        stored = save(store, document, config, fingerprints.result(), periods, customers)
+        stored = save(store, document, config, inputs, periods, customers)
     return RunResult(report=document, stored=stored)
 
 
