@@ -23,7 +23,7 @@ from bot.service import event_run_id, reconcile_invoice
 from bot.signatures import InboundEvent, orb_invoice_of, stripe_invoice_of
 from bot.store import Claimed, Store
 from bot.worker import Handler, Outcome
-from connectors.base import InvoiceBilling
+from connectors.base import InvoiceBilling, NothingToReconcile
 from connectors.files import RawEventsFile
 from rules.config import Config
 
@@ -104,7 +104,11 @@ def platform_handlers(context: Context, platform: Platform) -> dict[tuple[str, s
         run_id = event_run_id(claimed.provider, claimed.event_id)
         billing = context.connector(platform.name)
         raw = context.raw_source()
-        reconcile_invoice(context.config, billing, raw, context.store, invoice_id, run_id, platform.name)
+        try:
+            reconcile_invoice(context.config, billing, raw, context.store, invoice_id, run_id, platform.name)
+        except NothingToReconcile as exc:
+            log.info("event %s: %s", claimed.event_id, exc)
+            return Outcome("ignored")
         return Outcome("done", run_id)
 
     def record(claimed: Claimed) -> Outcome:

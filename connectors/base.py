@@ -32,6 +32,10 @@ class UpstreamRejected(ConnectorError):
     """The platform refused the request: retrying will not help."""
 
 
+class NothingToReconcile(UpstreamRejected):
+    """The invoice carries no usage to reconcile (a one-off invoice with no line items, say)."""
+
+
 class InvoiceRecords(NamedTuple):
     """What a platform says about one invoice, in the canonical shapes."""
 

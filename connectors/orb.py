@@ -72,7 +72,7 @@ import logging
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from datetime import datetime, timedelta
+from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 from typing import Any
 from urllib.parse import quote
@@ -91,6 +91,7 @@ from connectors.base import (
     ConnectorError,
     InvoiceRecords,
     InvoiceSummary,
+    NothingToReconcile,
     UpstreamRejected,
     UpstreamUnavailable,
 )
@@ -192,10 +193,15 @@ class OrbBilling:
             yield invoice["id"]
 
     def list_recent_invoices(self, since: datetime) -> Iterator[InvoiceSummary]:
-        """Invoices dated after `since`, drafts too, newest first, every page."""
+        """Invoices dated after `since` and by now, drafts too, newest first, every page.
+
+        A draft dated in the future is the current period's, still filling: not yet."""
         params = {"invoice_date[gt]": _iso(since), "status[]": list(LISTED_STATUSES)}
+        now = datetime.now(UTC)
         for invoice in self._paginate("/invoices", params):
             with _payload("invoice list"):
+                if _instant(invoice["invoice_date"]) > now:
+                    continue
                 yield InvoiceSummary(
                     id=invoice["id"],
                     customer=str((invoice.get("customer") or {}).get("id") or ""),
@@ -222,7 +228,7 @@ class OrbBilling:
         currency = str(invoice["currency"]).lower()
         items = [item for item in invoice["line_items"] if self._counts(item)]
         if not items and not invoice["line_items"]:
-            raise UpstreamRejected(f"Orb invoice {invoice_id}: no line items to date its usage period")
+            raise NothingToReconcile(f"Orb invoice {invoice_id}: no line items to date a usage period")
         period = self._usage_period(items or invoice["line_items"])
         lines: list[InvoiceLine] = []
         for item in items:

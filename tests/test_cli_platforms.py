@@ -80,3 +80,24 @@ def test_a_platform_needs_a_period_and_a_key(tmp_path, monkeypatch):
     monkeypatch.delenv("ORB_API_KEY")
     runner = CliRunner().invoke(main, ["reconcile", "--config", config, "--billing", "orb", "--period", "2026-10"])
     assert runner.exit_code == 2 and "ORB_API_KEY" in runner.stderr
+
+
+def test_stripe_reads_a_period_through_the_same_interface(stripe_api):
+    from connectors.base import period_records
+    from tests import stripe_fake as sf
+
+    listing = sf.page("/v1/invoices", [sf.invoice()])
+    stripe_api.get(
+        f"{sf.BASE}/v1/invoices",
+        json=listing,
+        match=[sf.query(limit=100, **{"created[gte]": sf.OCT - 86400, "created[lt]": sf.NOV + 2 * 86400})],
+    )
+    sf.serve_invoice(stripe_api, [sf.line("il_oct"), sf.line("il_nov", start=sf.NOV, end=sf.DEC)])
+    sf.serve_summaries(stripe_api, "mtr_api", sf.OCT, sf.NOV, [120])
+    sf.serve_summaries(stripe_api, "mtr_api", sf.NOV, sf.DEC, [5])
+    sf.serve_summaries(stripe_api, "mtr_storage", sf.OCT, sf.DEC, [])
+
+    metered, lines = period_records(sf.billing(sf.METERED), sf.at(sf.OCT), sf.at(sf.NOV))
+
+    assert [ln.line_id for ln in lines] == ["il_oct"]
+    assert [(m.meter, m.quantity) for m in metered] == [("api_calls", 120)]

@@ -405,3 +405,10 @@ def test_the_subscription_is_asked_for_usage_not_the_customer(orb_api):
     (metered,) = billing().invoice_records(INVOICE).metered
 
     assert metered.quantity == 2 and SUBSCRIPTION != "sub_other"
+
+
+def test_the_sweep_skips_drafts_dated_in_the_future(orb_api):
+    future = invoice(id="in_next", status="draft", invoice_date="2999-01-01T00:00:00+00:00")
+    orb_api.get(f"{BASE}/invoices", json=page([future, invoice(id="in_done")]))
+
+    assert [s.id for s in billing().list_recent_invoices(at(OCT))] == ["in_done"]

@@ -122,3 +122,14 @@ def test_the_sweep_enqueues_orb_invoices_no_event_covers(world, orb_api):
     assert sweep(world, ORB, world.billing["orb"](), NOW - timedelta(hours=72)) == 1
 
     assert [(r["event_id"], r["type"]) for r in world.store.events()][1] == ("sweep_in_lost", "invoice.swept")
+
+
+def test_an_invoice_with_no_line_items_is_ignored_not_retried(world, orb_api):
+    enqueue(world, "evt_empty", "invoice.issued")
+    serve_invoice(orb_api, invoice([], invoice_source="one_off", subscription=None))
+
+    assert worker(world).run_once()
+
+    (row,) = world.store.events()
+    assert (row["status"], row["attempts"]) == ("ignored", 1)
+    assert world.store.run_status(event_run_id("orb", "evt_empty")) is None
