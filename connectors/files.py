@@ -357,13 +357,12 @@ def aggregate_sql(relation: str, types: dict[str, str], timeline: Timeline, evid
         customer_id, meter, segment_no, receiving,
         sum(qty)::VARCHAR AS quantity,
         count(*) AS events,
-        CASE WHEN receiving IS NOT NULL
-             THEN list_slice(list(event_id ORDER BY event_id), 1, {limit}) END AS late_ids,
+        list_slice(list(event_id ORDER BY event_id) FILTER (WHERE receiving IS NOT NULL), 1, {limit}) AS late_ids,
         list_slice(list(event_id ORDER BY event_id) FILTER (WHERE copies > 1), 1, {limit}) AS dup_ids,
         coalesce(sum(copies - 1), 0) AS dropped_copies,
         count(*) FILTER (WHERE conflict) AS conflicts,
-        CASE WHEN segment_no = -1
-             THEN list(DISTINCT strftime(timezone({_quote_literal(zone)}, ts), '%Y-%m')) END AS origins,
+        list(DISTINCT strftime(timezone({_quote_literal(zone)}, ts), '%Y-%m'))
+            FILTER (WHERE segment_no = -1) AS origins,
         bool_or(bad IS NOT NULL) AS has_bad
     FROM flagged
     GROUP BY customer_id, meter, segment_no, receiving
