@@ -8,7 +8,7 @@ from flask import Flask
 
 from bot.api import api
 from bot.config import Settings
-from bot.signatures import StripeVerifier, Verifier
+from bot.signatures import SlackVerifier, StripeVerifier, Verifier
 from bot.store import Store
 from bot.webhooks import webhooks
 
@@ -33,4 +33,6 @@ def verifiers(settings: Settings) -> dict[str, Verifier]:
     found: dict[str, Verifier] = {}
     if settings.stripe_webhook_secrets:
         found["stripe"] = StripeVerifier(settings.stripe_webhook_secrets)
+    if settings.slack_signing_secret:
+        found["slack"] = SlackVerifier(settings.slack_signing_secret)
     return found

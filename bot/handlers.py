@@ -14,6 +14,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from bot.service import event_run_id, reconcile_invoice
 from bot.signatures import InboundEvent, stripe_invoice_of
@@ -22,6 +23,10 @@ from bot.worker import Handler, Outcome
 from connectors.base import InvoiceBilling
 from connectors.files import RawEventsFile
 from rules.config import Config
+
+if TYPE_CHECKING:
+    from bot.actions import Decider
+    from bot.routing import Router
 
 log = logging.getLogger(__name__)
 
@@ -39,6 +44,8 @@ class Context:
     config_path: Path
     store: Store
     billing: dict[str, Callable[[], InvoiceBilling]]  # provider → connector factory
+    router: Router | None = None  # routes each finished run (Slack, tickets, watch-list, digest)
+    decider: Decider | None = None  # acts on Slack button clicks
 
     def raw_source(self) -> RawEventsFile:
         if not self.config.sources.raw:
@@ -60,6 +67,8 @@ def stripe_handlers(context: Context) -> dict[tuple[str, str], Handler]:
         run_id = event_run_id(claimed.provider, claimed.event_id)
         billing = context.connector("stripe")
         reconcile_invoice(context.config, billing, context.raw_source(), context.store, invoice_id, run_id)
+        if context.router is not None:
+            context.router.route_run(run_id)  # idempotent: a retried event re-sends nothing already sent
         return Outcome("done", run_id)
 
     def record(claimed: Claimed) -> Outcome:
@@ -68,6 +77,19 @@ def stripe_handlers(context: Context) -> dict[tuple[str, str], Handler]:
     handlers = {("stripe", kind): reconcile for kind in STRIPE_RECONCILE}
     handlers.update({("stripe", kind): record for kind in STRIPE_RECORD_ONLY})
     return handlers
+
+
+def slack_handlers(context: Context) -> dict[tuple[str, str], Handler]:
+    """Slack interactivity stored by `POST /slack/actions`: button clicks."""
+
+    def block_actions(claimed: Claimed) -> Outcome:
+        if context.decider is None:
+            raise NotConfigured("slack: SLACK_BOT_TOKEN is not set; cannot act on a button click")
+        what = context.decider.handle(json.loads(claimed.body), claimed.event_id)
+        log.info("slack action %s: %s", claimed.event_id, what)
+        return Outcome("done")
+
+    return {("slack", "block_actions"): block_actions}
 
 
 def sweep_stripe(context: Context, billing: object, since: datetime) -> int:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 from datetime import datetime
+from decimal import Decimal
 from typing import NamedTuple, Protocol
 
 from rules.models import InvoiceLine, MeteredRecord, RawAggregate
@@ -48,6 +49,26 @@ class InvoiceBilling(Protocol):
     def invoice_records(self, invoice_id: str) -> InvoiceRecords: ...
 
     def hold_draft(self, invoice_id: str, reason: str, run_id: str) -> None: ...
+
+
+class WriteBack(Protocol):
+    """Corrections written back to a billing platform, each under an idempotency key (so a
+    retry or a second click writes nothing new). Amounts are positive, in major units.
+    Each returns the platform's id of what it wrote."""
+
+    def add_charge(
+        self, customer_id: str, amount: Decimal, currency: str, description: str, idempotency_key: str
+    ) -> str: ...
+
+    def issue_credit(
+        self,
+        customer_id: str,
+        invoice_id: str | None,
+        amount: Decimal,
+        currency: str,
+        description: str,
+        idempotency_key: str,
+    ) -> str: ...
 
 
 class UsageSource(Protocol):
