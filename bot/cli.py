@@ -101,7 +101,16 @@ def reconcile(
     result = reconcile_files(config, sources, periods, store, frozenset(customers), progress_bar())
     write_report(result.report, fmt, out, show_all)
     if route:
-        click.echo("recon: --route: routing to Slack and tickets is not built yet; nothing was sent", err=True)
+        from bot.runtime import build_router
+
+        sent = build_router(settings, config, store).route_run(result.report["run_id"])
+        print_sent(sent)
+
+
+def print_sent(sent: list[Any]) -> None:
+    """One line per delivery on stderr (stdout keeps the report)."""
+    for item in sent:
+        click.echo(f"route {item.to}: {item.what}: {item.summary}", err=True)
 
 
 def resolve_sources(
@@ -187,6 +196,21 @@ def watchlist(fmt: str, show_all: bool) -> None:
         click.echo(json.dumps(items, indent=2))
         return
     render.print_watchlist(items, render.console())
+
+
+@main.command()
+@click.argument("run_id")
+@click.option("--dry-run", is_flag=True, help="Say what would be posted where; send and record nothing.")
+@user_errors
+def route(run_id: str, dry_run: bool) -> None:
+    """Route a stored run: Slack alerts, tickets, webhooks and the period digest (idempotent)."""
+    from bot.runtime import build_router
+
+    settings = Settings.from_env()
+    config = load_config(settings.config_path)
+    store = Store.open(settings.database_url)
+    for item in build_router(settings, config, store, dry_run=dry_run).route_run(run_id):
+        click.echo(f"{item.to}\t{item.what}\t{item.key}\t{item.summary}")
 
 
 @main.command()

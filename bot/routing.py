@@ -7,9 +7,8 @@ Where each line goes is decided by rules.routing; this module delivers and recor
   when a later run changes what it says, left alone when nothing changed; a key whose later
   line no longer routes to a channel gets its message there marked resolved.
 - Tickets and webhooks: opened once per key and queue (the queue is searched first).
-- Watch-list: timing items are opened and cleared by the store with the run; here each
-  open item a later period did not clear counts a cycle, and one at `escalate_after` cycles
-  is routed again as the under-bill it has become.
+- Watch-list: timing items are opened, cleared, counted and escalated with the run (the
+  store and bot.service); an item the run escalated is routed as the under-bill it has become.
 - Digest: one message per period in `[routing] digest`, updated in place, with Sign off.
 
 Everything sent is recorded in the store (`RoutingLog`), linked to its run and key. With
@@ -126,25 +125,22 @@ class Router:
         report = self.store.get_run(run_id)
         if report is None:
             raise InputError(f"run {run_id}: no such run")
-        lines = list(report["lines"])
-        if not self.dry_run:
-            lines += self._escalations(run_id, lines)
+        lines = list(report["lines"]) + self._escalations(run_id)
         deliveries = plan(lines, self.config.routes, self.owners, self.config.routing.segments)
         sent = [self._deliver(d, run_id) for d in deliveries]
         sent += self._resolve(lines, {(d.key, d.to) for d in deliveries}, run_id)
-        periods = report["period"].get("periods") or [report["period"].get("label")]
         if self.config.routing.digest:
-            sent += [self.post_digest(period, run_id) for period in periods if period]
+            periods = sorted({line["period"] for line in report["lines"]})
+            sent += [self.post_digest(period, run_id) for period in periods]
         return sent
 
-    def _escalations(self, run_id: str, lines: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    def _escalations(self, run_id: str) -> list[dict[str, Any]]:
+        """Timing items this run escalated (bot.service re-checks the watch-list with each run)."""
         escalated_lines = []
-        items = self.store.recheck_watchlist(run_id, lines, self.config.period.escalate_after)
-        for item in items:
+        for item in self.store.escalated_in(run_id):
             opening = self.store.opening_line(item["customer_id"], item["meter"], item["period"])
             if opening is not None:
                 escalated_lines.append(escalated(opening, item["cycles"]))
-                log.info("watch-list %s|%s|%s escalated", item["customer_id"], item["meter"], item["period"])
         return escalated_lines
 
     def _deliver(self, delivery: Delivery, run_id: str) -> Sent:

@@ -442,6 +442,15 @@ class Store:
         self.db.conn.commit()
         return escalated
 
+    def escalated_in(self, run_id: str) -> list[dict[str, Any]]:
+        """The watch-list items a run escalated."""
+        rows = self.db.execute(
+            """SELECT customer_id, meter, period, cycles FROM watchlist WHERE escalated_by = ?
+               ORDER BY customer_id, meter, period""",
+            [run_id],
+        ).fetchall()
+        return [{"customer_id": c, "meter": m, "period": p, "cycles": n} for c, m, p, n in rows]
+
     def opening_line(self, customer_id: str, meter: str, period: str) -> dict[str, Any] | None:
         """The timing line that opened a watch-list item, as its run reported it."""
         row = self.db.execute(

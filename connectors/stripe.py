@@ -30,7 +30,7 @@ Mapping rules
   named by its own `metadata.meter`, then the credit note's, and the period of
   that meter's lines on the invoice, else the invoice's usage period.
 - Usage period of the invoice: the span of its lines mapped to configured meters,
-  else of all its lines, else the invoice's `period_start`/`period_end`.
+  else of all its lines (catch-up adjustments aside), else the invoice's `period_start`/`period_end`.
 - Metered units: for each meter with a `stripe_meter`, and each period of its
   lines (overlapping periods merged, so no usage is counted twice; the invoice's
   usage period when it has no line), the sum of `aggregated_value` of the meter's
@@ -352,7 +352,8 @@ class StripeBilling:
         return self._prices[price_id]
 
     def _usage_period(self, lines: list[InvoiceLine], invoice: Json) -> Span:
-        mapped = [ln for ln in lines if ln.meter in self._meters] or lines
+        usage = [ln for ln in lines if ln.kind != "adjustment"]  # a catch-up keeps its own, earlier period
+        mapped = [ln for ln in usage if ln.meter in self._meters] or usage
         if not mapped:
             return _instant(invoice["period_start"]), _instant(invoice["period_end"])
         return min(ln.period_start for ln in mapped), max(ln.period_end for ln in mapped)
