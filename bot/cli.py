@@ -103,14 +103,26 @@ def reconcile(
     if route:
         from bot.runtime import build_router
 
-        sent = build_router(settings, config, store).route_run(result.report["run_id"])
-        print_sent(sent)
+        route_and_report(build_router(settings, config, store), result.report["run_id"], err=True)
 
 
-def print_sent(sent: list[Any]) -> None:
-    """One line per delivery on stderr (stdout keeps the report)."""
+def route_and_report(router: Any, run_id: str, err: bool) -> None:
+    """Route a run and list each delivery (on stderr after a report, so stdout keeps the report);
+    some deliveries failing exits 1 after listing them all."""
+    from bot.routing import RoutingIncomplete
+
+    try:
+        sent, failure = router.route_run(run_id), None
+    except RoutingIncomplete as exc:
+        sent, failure = exc.sent, exc
     for item in sent:
-        click.echo(f"route {item.to}: {item.what}: {item.summary}", err=True)
+        if err:
+            click.echo(f"route {item.to}: {item.what}: {item.summary}", err=True)
+        else:
+            click.echo(f"{item.to}\t{item.what}\t{item.key}\t{item.summary}")
+    if failure is not None:
+        click.echo(f"recon: {failure}", err=True)
+        sys.exit(1)
 
 
 def resolve_sources(
@@ -209,8 +221,7 @@ def route(run_id: str, dry_run: bool) -> None:
     settings = Settings.from_env()
     config = load_config(settings.config_path)
     store = Store.open(settings.database_url)
-    for item in build_router(settings, config, store, dry_run=dry_run).route_run(run_id):
-        click.echo(f"{item.to}\t{item.what}\t{item.key}\t{item.summary}")
+    route_and_report(build_router(settings, config, store, dry_run=dry_run), run_id, err=False)
 
 
 @main.command()

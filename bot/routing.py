@@ -26,10 +26,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from bot.slack import SlackPoster, alert_blocks, alert_text, channel_of, digest_blocks
+from bot.slack import SlackError, SlackPoster, alert_blocks, alert_text, channel_of, digest_blocks
 from bot.store import RoutingLog, Store
 from bot.tickets import Queue, TicketRequest
-from connectors.base import InputError
+from connectors.base import ConnectorError, InputError
 from rules.config import Config, Owner
 from rules.routing import Delivery, discrepancy_key, escalated, key_id, plan
 from rules.routing import digest as digest_facts
@@ -45,6 +45,17 @@ class Sent:
     key: str
     what: str  # posted | updated | unchanged | resolved | opened | exists | watchlist | not configured | would ...
     summary: str
+
+
+class RoutingIncomplete(RuntimeError):
+    """Some deliveries failed (the rest went out); routing the run again retries only those."""
+
+    def __init__(self, message: str, sent: list[Sent]) -> None:
+        super().__init__(message)
+        self.sent = sent
+
+
+SEND_ERRORS = (SlackError, ConnectorError)
 
 
 @dataclass
@@ -127,12 +138,28 @@ class Router:
             raise InputError(f"run {run_id}: no such run")
         lines = list(report["lines"]) + self._escalations(run_id)
         deliveries = plan(lines, self.config.routes, self.owners, self.config.routing.segments)
-        sent = [self._deliver(d, run_id) for d in deliveries]
+        sent = [self._guarded(d.to, d.key, lambda d=d: self._deliver(d, run_id)) for d in deliveries]
         sent += self._resolve(lines, {(d.key, d.to) for d in deliveries}, run_id)
         if self.config.routing.digest:
             periods = sorted({line["period"] for line in report["lines"]})
-            sent += [self.post_digest(period, run_id) for period in periods]
+            digest_to = self.config.routing.digest
+            sent += [self._guarded(digest_to, f"digest|{p}", lambda p=p: self.post_digest(p, run_id)) for p in periods]
+        failed = [s for s in sent if s.what.startswith("failed")]
+        if failed:
+            first = failed[0]
+            raise RoutingIncomplete(
+                f"run {run_id}: {len(failed)} of {len(sent)} deliveries failed; first {first.to}: {first.summary}", sent
+            )
         return sent
+
+    def _guarded(self, to: str, key: str, deliver: Any) -> Sent:
+        """One delivery; a failure is logged and reported, and does not stop the others."""
+        try:
+            result: Sent = deliver()
+        except SEND_ERRORS as exc:
+            log.warning("route %s %s failed: %s", to, key, exc)
+            return Sent(to, key, "failed", str(exc).splitlines()[0][:300])
+        return result
 
     def _escalations(self, run_id: str) -> list[dict[str, Any]]:
         """Timing items this run escalated (bot.service re-checks the watch-list with each run)."""

@@ -24,6 +24,7 @@ class FakeSlack:
         self.messages: dict[tuple[str, str], dict[str, Any]] = {}  # (channel id, ts) → message
         self.rate_limited = 0  # answer this many next calls with 429
         self.retry_after = "3"
+        self.missing: set[str] = set()  # channels the bot is not in: channel_not_found
         self._seq = 0
         self._lock = threading.Lock()
         fake = self
@@ -84,6 +85,8 @@ class FakeSlack:
                 body["_answered"] = 429
                 return 429, {"Retry-After": self.retry_after}, {"ok": False, "error": "ratelimited"}
             body["_answered"] = 200
+            if body["channel"] in self.missing:
+                return 200, {}, {"ok": False, "error": "channel_not_found"}
             channel = self.channel_id(body["channel"])
             if method == "chat.postMessage":
                 self._seq += 1

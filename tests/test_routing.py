@@ -10,7 +10,7 @@ import requests
 import responses
 from responses import matchers
 
-from bot.routing import Outbox, Router
+from bot.routing import Outbox, Router, RoutingIncomplete
 from bot.slack import Pacer, SlackPoster
 from bot.store import RoutingLog, Store
 from bot.tickets import JiraQueue, LinearQueue, WebhookSink, retrying, verify_webhook
@@ -175,6 +175,25 @@ def test_dry_run_says_where_each_finding_would_go_and_sends_nothing(tmp_path, st
     }
     assert slack.calls == []
     assert RoutingLog(store).messages(UNDER) == []
+
+
+def test_a_failing_destination_does_not_stop_the_others_and_is_retried_alone(tmp_path, store, slack):
+    october(tmp_path)
+    run_id = reconcile_book(tmp_path, "2026-10", store)["run_id"]
+    router = make_router(store, tmp_path, slack)
+    slack.missing.add("#revops")
+
+    with pytest.raises(RoutingIncomplete, match="slack:#revops: Slack chat.postMessage: channel_not_found") as failed:
+        router.route_run(run_id)
+
+    assert {(s.to, s.what) for s in failed.value.sent} >= {("slack:#revops", "failed"), ("slack:@U0CSMBEE", "posted")}
+    slack.missing.clear()
+    again = router.route_run(run_id)
+    assert {(s.to, s.what) for s in again if s.to.startswith("slack:")} == {
+        ("slack:#revops", "posted"),
+        ("slack:@U0CSMBEE", "unchanged"),
+        ("slack:#revops-digest", "unchanged"),
+    }
 
 
 # -- tickets and webhooks -------------------------------------------------------------------
