@@ -21,7 +21,7 @@ import csv
 import hashlib
 import json
 import logging
-from collections.abc import Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -85,6 +85,38 @@ def load_owners(config: Config, config_path: Path) -> dict[str, Owner]:
     return owners | config.routing.owners
 
 
+class OwnerBook(Mapping[str, Owner]):
+    """The owner map, falling back to a lookup (the billing customer's metadata) for customers
+    it does not name; each lookup is made once, and one that fails counts as no owner."""
+
+    def __init__(self, known: Mapping[str, Owner], lookup: Callable[[str], str | None] | None = None) -> None:
+        self.known, self.lookup = dict(known), lookup
+        self.found: dict[str, Owner | None] = {}
+
+    def __getitem__(self, customer: str) -> Owner:
+        if customer in self.known:
+            return self.known[customer]
+        if self.lookup is None:
+            raise KeyError(customer)
+        if customer not in self.found:
+            try:
+                slack = self.lookup(customer)
+            except ConnectorError as exc:
+                log.warning("owner of %s: lookup failed: %s", customer, exc)
+                slack = None
+            self.found[customer] = Owner(slack=slack) if slack else None
+        owner = self.found[customer]
+        if owner is None:
+            raise KeyError(customer)
+        return owner
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.known)
+
+    def __len__(self) -> int:
+        return len(self.known)
+
+
 def decision_text(decisions: Mapping[str, Mapping[str, Any]]) -> str | None:
     """The decision as the message shows it: what, who and when (and who proposed it)."""
     final, proposed = decisions.get("final"), decisions.get("proposed")
@@ -121,12 +153,13 @@ class Router:
         outbox: Outbox,
         *,
         owners: Mapping[str, Owner] | None = None,
+        owner_lookup: Callable[[str], str | None] | None = None,
         public_url: str | None = None,
         dry_run: bool = False,
     ) -> None:
         self.store, self.config, self.outbox = store, config, outbox
         self.log = RoutingLog(store)
-        self.owners = dict(owners or config.routing.owners)
+        self.owners = OwnerBook(owners if owners is not None else config.routing.owners, owner_lookup)
         self.public_url = public_url.rstrip("/") if public_url else None
         self.dry_run = dry_run
 

@@ -50,11 +50,20 @@ def build_outbox(settings: Settings, config: Config) -> Outbox:
 
 
 def build_router(settings: Settings, config: Config, store: Store, dry_run: bool = False) -> Router:
+    lookup = None
+    key = config.routing.owner_metadata_key
+    if key and settings.stripe_api_key:
+        api_key, base = settings.stripe_api_key, settings.stripe_api_base
+
+        def lookup(customer_id: str) -> str | None:
+            return StripeBilling(make_client(api_key, base), config).customer_metadata(customer_id).get(key)
+
     return Router(
         store,
         config,
         build_outbox(settings, config),
         owners=load_owners(config, settings.config_path),
+        owner_lookup=lookup,
         public_url=settings.public_url,
         dry_run=dry_run,
     )

@@ -275,6 +275,11 @@ class StripeBilling:
             raise UpstreamRejected(f"Stripe: no customer has metadata.{self._metadata_key} = {customer_id!r}")
         return str(found[0]["id"])
 
+    def customer_metadata(self, customer_id: str) -> dict[str, str]:
+        """The metadata of a product customer's Stripe customer (the CSM owner map may read it)."""
+        customer = self._get(f"/v1/customers/{_path(self.stripe_customer(customer_id))}")
+        return {str(k): str(v) for k, v in (customer.get("metadata") or {}).items()}
+
     def _customer_and_invoice(self, customer_id: str, invoice_id: str | None) -> tuple[str, Json | None]:
         if invoice_id:
             invoice = self._get(f"/v1/invoices/{_path(invoice_id)}")

@@ -77,6 +77,7 @@ class RoutingRules:
     digest: str | None = None
     owners: dict[str, Owner] = field(default_factory=dict)
     owners_csv: str | None = None
+    owner_metadata_key: str | None = None  # else, the billing customer's metadata key naming its CSM
     segments: dict[str, str] = field(default_factory=dict)
     jira_project: str | None = None
     jira_issue_type: str = "Task"
@@ -400,7 +401,11 @@ def _destination(value: Any, where: str) -> str:
 
 def _routing(table: Any, approvals: Any) -> RoutingRules:
     table = _table(table, "routing")
-    _only(table, {"digest", "owners", "owners_csv", "segments", "jira", "linear", "webhooks"}, "routing")
+    _only(
+        table,
+        {"digest", "owners", "owners_csv", "owner_metadata_key", "segments", "jira", "linear", "webhooks"},
+        "routing",
+    )
     approvals = _table(approvals, "approvals")
     _only(approvals, {"second_approver_above"}, "approvals")
     owners = {
@@ -419,6 +424,9 @@ def _routing(table: Any, approvals: Any) -> RoutingRules:
         digest=_destination(digest, "routing.digest") if digest else None,
         owners=owners,
         owners_csv=_str(table["owners_csv"], "routing.owners_csv") if "owners_csv" in table else None,
+        owner_metadata_key=(
+            _str(table["owner_metadata_key"], "routing.owner_metadata_key") if "owner_metadata_key" in table else None
+        ),
         segments={
             k: _str(v, f"routing.segments.{k}")
             for k, v in _table(table.get("segments", {}), "routing.segments").items()

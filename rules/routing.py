@@ -80,7 +80,8 @@ def plan(
     """The deliveries for a run's lines, in line then config order. `slack:@csm` goes to the
     customer's owner (dropped when the customer has no owner with a Slack id); a ticket carries
     the owner as its assignee."""
-    owners, segments = owners or {}, segments or {}
+    owners = owners if owners is not None else {}
+    segments = segments or {}
     deliveries = []
     for line in lines:
         if line["class"] == "match":

@@ -372,3 +372,63 @@ def test_schema_3_upgrades_a_version_2_database(tmp_path):
     upgraded = Store.open(url)
     assert upgraded.schema_version() == 3
     assert upgraded.watchlist(include_closed=True) == []
+
+
+# -- who owns a customer ---------------------------------------------------------------------
+
+
+def test_the_csm_comes_from_the_customers_stripe_metadata_when_the_map_has_none(tmp_path, store, stripe_api):
+    from connectors.stripe import StripeBilling, make_client
+    from tests.stripe_fake import BASE
+
+    october(tmp_path)
+    text = (tmp_path / "recon.toml").read_text()
+    text = text[: text.index("[routing.owners]")].replace("[routing]\n", '[routing]\nowner_metadata_key = "csm"\n')
+    (tmp_path / "recon.toml").write_text(text)
+    config = parse_config(text)
+    run_id = reconcile_book(tmp_path, "2026-10", store)["run_id"]
+    customer = {"object": "customer", "metadata": {}}
+    stripe_api.get(f"{BASE}/v1/customers/cus_a", json=customer | {"id": "cus_a"})
+    stripe_api.get(f"{BASE}/v1/customers/cus_b", json=customer | {"id": "cus_b", "metadata": {"csm": "U0FROMMETA"}})
+
+    def lookup(customer_id: str) -> str | None:
+        return StripeBilling(make_client("sk_test_1", BASE), config).customer_metadata(customer_id).get("csm")
+
+    sent = Router(store, config, Outbox(), owner_lookup=lookup, dry_run=True).route_run(run_id)
+
+    assert ("slack:@U0FROMMETA", "would post") in {(s.to, s.what) for s in sent if s.key == OVER}
+    assert sorted(c.request.url for c in stripe_api.calls) == [
+        f"{BASE}/v1/customers/cus_a",
+        f"{BASE}/v1/customers/cus_b",
+    ]
+
+
+def test_owners_from_a_csv_and_the_config_map_wins(tmp_path):
+    from bot.routing import load_owners
+    from rules.config import Owner
+
+    (tmp_path / "csm.csv").write_text("customer_id,slack,jira,linear\ncus_a,U0ANNA,acc-anna,\ncus_b,U0OLD,,\n")
+    config = parse_config(config_text(extra='[routing]\nowners_csv = "csm.csv"\n[routing.owners]\ncus_b = "U0NEW"\n'))
+
+    owners = load_owners(config, tmp_path / "recon.toml")
+
+    assert owners == {"cus_a": Owner("U0ANNA", "acc-anna", None), "cus_b": Owner("U0NEW")}
+    (tmp_path / "csm.csv").write_text("customer_id,slack\n,U0X\n")
+    with pytest.raises(Exception, match=r"csm.csv: line 2: customer_id: empty"):
+        load_owners(config, tmp_path / "recon.toml")
+
+
+@pytest.mark.parametrize(
+    ("extra", "message"),
+    [
+        ('[routing]\ndigest = "ticket:jira"\n', "routing.digest: must be slack:#channel or slack:@user"),
+        ("[routing.jira]\nprojekt = 'BILL'\n", "routing.jira.projekt: unknown key"),
+        ('[approvals]\nsecond_approver_above = "lots"\n', "approvals.second_approver_above: must be a decimal number"),
+        ("[routing.owners]\ncus_a = { slack = 'U1', email = 'x' }\n", "routing.owners.cus_a.email: unknown key"),
+    ],
+)
+def test_routing_config_errors_name_the_key(extra, message):
+    from rules.config import ConfigError
+
+    with pytest.raises(ConfigError, match=message):
+        parse_config(config_text(extra=extra))
