@@ -56,7 +56,9 @@ class Decider:
         if action not in DECISIONS or not user_id or "|" not in key:
             return f"ignored {action}"
         if action == "sign_off":
-            self.log.decide(key, "final", "sign_off", user_id, user_name, "digest", event_id)
+            posted = self.log.messages(key)
+            run_id = posted[0]["run_id"] if posted else "digest"
+            self.log.decide(key, "final", "sign_off", user_id, user_name, run_id, event_id)
             self.router.refresh(key)
             return "signed off"
         found = self.store.latest_line(*split_key(key))

@@ -222,3 +222,18 @@ def test_issue_credit_writes_one_credit_note_on_the_finalized_invoice(tmp_path, 
 
     assert note.call_count == 1
     assert RoutingLog(context.store).writeback(writeback_key("credit", OVER))["platform_id"] == "cn_recon_credit"
+
+
+def test_sign_off_closes_the_period_digest_naming_who_signed(tmp_path, slack):
+    app, context = world(tmp_path, slack)
+
+    click(app, "sign_off", "digest|2026-10", user="U0CFO")
+    work(context)
+
+    (decision,) = RoutingLog(context.store).trail("digest|2026-10")["decisions"]
+    assert (decision["action"], decision["user_id"]) == ("sign_off", "U0CFO")
+    assert decision["run_id"] == RoutingLog(context.store).message("digest|2026-10", "slack:#revops-digest")["run_id"]
+    (update,) = [u for u in slack.posted("chat.update") if "digest" in u["text"]]
+    shown = json.dumps(update["blocks"])
+    assert "Signed off" in shown and "<@U0CFO>" in shown
+    assert not [b for b in update["blocks"] if b["type"] == "actions"]
