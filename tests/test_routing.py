@@ -362,7 +362,6 @@ def test_schema_3_upgrades_a_version_2_database(tmp_path):
 
     url = f"sqlite:///{tmp_path / 'old.db'}"
     migrations = dict(store_module.MIGRATIONS)
-    old = Store.open.__func__  # noqa: F841 - documents that Store.open migrates
     store_module.SCHEMA_VERSION = 2
     try:
         Store.open(url)
