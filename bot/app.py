@@ -8,7 +8,7 @@ from flask import Flask
 
 from bot.api import api
 from bot.config import Settings
-from bot.signatures import OrbVerifier, StripeVerifier, Verifier
+from bot.signatures import OrbVerifier, SlackVerifier, StripeVerifier, Verifier
 from bot.store import Store
 from bot.webhooks import webhooks
 
@@ -35,4 +35,6 @@ def verifiers(settings: Settings) -> dict[str, Verifier]:
         found["stripe"] = StripeVerifier(settings.stripe_webhook_secrets)
     if settings.orb_webhook_secrets:
         found["orb"] = OrbVerifier(settings.orb_webhook_secrets)
+    if settings.slack_signing_secret:
+        found["slack"] = SlackVerifier(settings.slack_signing_secret)
     return found

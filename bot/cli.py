@@ -116,7 +116,28 @@ def reconcile(
         result = reconcile_platform(config, raw_path, connector, periods, store, frozenset(customers), progress_bar())
     write_report(result.report, fmt, out, show_all)
     if route:
-        click.echo("recon: --route: routing to Slack and tickets is not built yet; nothing was sent", err=True)
+        from bot.runtime import build_router
+
+        route_and_report(build_router(settings, config, store), result.report["run_id"], err=True)
+
+
+def route_and_report(router: Any, run_id: str, err: bool) -> None:
+    """Route a run and list each delivery (on stderr after a report, so stdout keeps the report);
+    some deliveries failing exits 1 after listing them all."""
+    from bot.routing import RoutingIncomplete
+
+    try:
+        sent, failure = router.route_run(run_id), None
+    except RoutingIncomplete as exc:
+        sent, failure = exc.sent, exc
+    for item in sent:
+        if err:
+            click.echo(f"route {item.to}: {item.what}: {item.summary}", err=True)
+        else:
+            click.echo(f"{item.to}\t{item.what}\t{item.key}\t{item.summary}")
+    if failure is not None:
+        click.echo(f"recon: {failure}", err=True)
+        sys.exit(1)
 
 
 PLATFORM_SOURCES = ("stripe:", "orb:")
@@ -241,6 +262,20 @@ def watchlist(fmt: str, show_all: bool) -> None:
         click.echo(json.dumps(items, indent=2))
         return
     render.print_watchlist(items, render.console())
+
+
+@main.command()
+@click.argument("run_id")
+@click.option("--dry-run", is_flag=True, help="Say what would be posted where; send and record nothing.")
+@user_errors
+def route(run_id: str, dry_run: bool) -> None:
+    """Route a stored run: Slack alerts, tickets, webhooks and the period digest (idempotent)."""
+    from bot.runtime import build_router
+
+    settings = Settings.from_env()
+    config = load_config(settings.config_path)
+    store = Store.open(settings.database_url)
+    route_and_report(build_router(settings, config, store, dry_run=dry_run), run_id, err=False)
 
 
 @main.command()

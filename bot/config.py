@@ -40,6 +40,13 @@ class Settings:
     slack_bot_token: str | None = field(default=None, repr=False)
     slack_signing_secret: str | None = field(default=None, repr=False)
     slack_api_url: str | None = None
+    public_url: str | None = None
+    jira_base_url: str | None = None
+    jira_email: str | None = None
+    jira_api_token: str | None = field(default=None, repr=False)
+    linear_api_key: str | None = field(default=None, repr=False)
+    linear_api_url: str | None = None
+    webhook_sink_secret: str | None = field(default=None, repr=False)
     webhook_max_bytes: int = 1024 * 1024
 
     @classmethod
@@ -57,5 +64,12 @@ class Settings:
             slack_bot_token=env.get("SLACK_BOT_TOKEN") or None,
             slack_signing_secret=env.get("SLACK_SIGNING_SECRET") or None,
             slack_api_url=env.get("SLACK_API_URL") or None,
+            public_url=env.get("RECON_PUBLIC_URL") or None,
+            jira_base_url=env.get("JIRA_BASE_URL") or None,
+            jira_email=env.get("JIRA_EMAIL") or None,
+            jira_api_token=env.get("JIRA_API_TOKEN") or None,
+            linear_api_key=env.get("LINEAR_API_KEY") or None,
+            linear_api_url=env.get("LINEAR_API_URL") or None,
+            webhook_sink_secret=env.get("RECON_WEBHOOK_SIGNING_SECRET") or None,
             webhook_max_bytes=_int(env, "RECON_WEBHOOK_MAX_BYTES", 1024 * 1024),
         )

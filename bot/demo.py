@@ -30,11 +30,11 @@ from rich.table import Table
 
 from bot import render
 from bot.config import Settings
+from bot.routing import Outbox, Router, Sent
 from bot.service import SourcePaths, reconcile_files
 from bot.store import Store
 from connectors.files import INVOICED_COLUMNS, METERED_COLUMNS, RAW_FIELDS
 from rules.config import parse_config
-from rules.routing import destinations
 
 CONFIG = """\
 [sources]
@@ -84,7 +84,7 @@ to = "ticket:jira"
 
 [[routes]]
 class = "over_bill"
-to = "slack:#csm-alerts"
+to = "slack:@csm"
 
 [[routes]]
 class = "timing"
@@ -93,6 +93,13 @@ to = "watchlist"
 [[routes]]
 class = "unmapped"
 to = "slack:#billing-ops"
+
+[routing]
+digest = "slack:#revops-digest"
+
+[routing.owners]
+cus_initech = { slack = "U0CSMANNA", jira = "5b10a2844c20165700ede21g" }
+cus_cyberdyne = "U0CSMBOB"
 """
 
 SEP = (datetime(2026, 9, 1, tzinfo=UTC), datetime(2026, 10, 1, tzinfo=UTC))
@@ -252,7 +259,8 @@ def run_demo(settings: Settings, out_dir: Path | None, fmt: str) -> None:
     console = render.console()
     console.print(f"[bold]overage-recon demo[/]: a sample book of {len(sample_book().raw)} raw events, Sep–Oct 2026")
     render.print_table(result.report, console)
-    print_routing(result.report, config.routes, console)
+    router = Router(store, config, Outbox(), public_url="https://recon.example.com", dry_run=True)
+    print_routing(router.route_run(result.report["run_id"]), console)
     render.print_watchlist(store.watchlist(include_closed=True), console)
     stored = "stored" if result.stored else "already stored (same inputs, nothing new written)"
     console.print(f"Run {result.report['run_id']} {stored} in {settings.database_url}")
@@ -260,21 +268,11 @@ def run_demo(settings: Settings, out_dir: Path | None, fmt: str) -> None:
         console.print(f"The sample book is in {out_dir}; try: recon reconcile --config {out_dir / 'recon.toml'}")
 
 
-def print_routing(report: dict, routes: tuple, console: Console) -> None:  # type: ignore[type-arg]
+def print_routing(sent: list[Sent], console: Console) -> None:
     """What would be posted where (dry run: nothing is sent)."""
     table = Table(title="Routing (dry run: nothing sent)")
-    for column in ("customer", "meter", "period", "class", "Δ amount", "to"):
-        table.add_column(column)
-    for line in report["lines"]:
-        if line["class"] == "match":
-            continue
-        targets = destinations(line, routes) or ["(no route)"]
-        table.add_row(
-            line["customer_id"],
-            line["meter"],
-            line["period"],
-            line["class"],
-            f"{line['delta_amount']} {line['currency'].upper()}",
-            ", ".join(targets),
-        )
+    for column in ("to", "would", "key", "message"):
+        table.add_column(column, overflow="fold")
+    for item in sent:
+        table.add_row(item.to, item.what.removeprefix("would "), item.key, item.summary)
     console.print(table)

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 from decimal import Decimal
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from bot.service import event_run_id, reconcile_invoice
 from bot.signatures import InboundEvent, orb_invoice_of, stripe_invoice_of
@@ -26,6 +26,10 @@ from bot.worker import Handler, Outcome
 from connectors.base import InvoiceBilling, NothingToReconcile
 from connectors.files import RawEventsFile
 from rules.config import Config
+
+if TYPE_CHECKING:
+    from bot.actions import Decider
+    from bot.routing import Router
 
 log = logging.getLogger(__name__)
 SWEPT = "invoice.swept"  # our own event type: an invoice the sweep found with no event
@@ -41,6 +45,8 @@ class Context:
     config_path: Path
     store: Store
     billing: dict[str, Callable[[], InvoiceBilling]]  # provider → connector factory
+    router: Router | None = None  # routes each finished run (Slack, tickets, watch-list, digest)
+    decider: Decider | None = None  # acts on Slack button clicks
 
     def raw_source(self) -> RawEventsFile:
         if not self.config.sources.raw:
@@ -109,6 +115,8 @@ def platform_handlers(context: Context, platform: Platform) -> dict[tuple[str, s
         except NothingToReconcile as exc:
             log.info("event %s: %s", claimed.event_id, exc)
             return Outcome("ignored")
+        if context.router is not None:
+            context.router.route_run(run_id)  # idempotent: a retried event re-sends nothing already sent
         return Outcome("done", run_id)
 
     def record(claimed: Claimed) -> Outcome:
@@ -119,9 +127,22 @@ def platform_handlers(context: Context, platform: Platform) -> dict[tuple[str, s
     return handlers
 
 
+def slack_handlers(context: Context) -> dict[tuple[str, str], Handler]:
+    """Slack interactivity stored by `POST /slack/actions`: button clicks."""
+
+    def block_actions(claimed: Claimed) -> Outcome:
+        if context.decider is None:
+            raise NotConfigured("slack: SLACK_BOT_TOKEN is not set; cannot act on a button click")
+        what = context.decider.handle(json.loads(claimed.body), claimed.event_id)
+        log.info("slack action %s: %s", claimed.event_id, what)
+        return Outcome("done")
+
+    return {("slack", "block_actions"): block_actions}
+
+
 def all_handlers(context: Context) -> dict[tuple[str, str], Handler]:
-    """Every platform's handlers: events of a platform with no key fail and are retried."""
-    handlers: dict[tuple[str, str], Handler] = {}
+    """Every platform's handlers and Slack's: events of a platform with no key fail and are retried."""
+    handlers = slack_handlers(context)
     for platform in PLATFORMS.values():
         handlers.update(platform_handlers(context, platform))
     return handlers

@@ -102,10 +102,16 @@ def print_watchlist(items: list[dict[str, Any]], console: Console) -> None:
         console.print("No timing items.")
         return
     table = Table(title="Timing watch-list")
-    for column in ("customer", "meter", "period", "late units", "status", "cleared by"):
+    for column in ("customer", "meter", "period", "late units", "status", "cycles", "cleared by / escalated by"):
         table.add_column(column)
     for item in items:
         cleared = item["cleared_by"]
-        how = f"{cleared['run_id']} ({cleared['period']})" if cleared else ""
-        table.add_row(item["customer_id"], item["meter"], item["period"], item["late_units"], item["status"], how)
+        how = ""
+        if cleared:
+            invoice = f", invoice {cleared['invoice_id']}" if cleared.get("invoice_id") else ""
+            how = f"run {cleared['run_id']} ({cleared['period']}{invoice})"
+        elif item.get("escalated_by"):
+            how = f"escalated to under_bill by run {item['escalated_by']}"
+        row = (item["customer_id"], item["meter"], item["period"], item["late_units"], item["status"])
+        table.add_row(*row, str(item.get("cycles", 0)), how)
     console.print(table)

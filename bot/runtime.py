@@ -6,9 +6,13 @@ import time
 from collections.abc import Callable
 from datetime import UTC, datetime
 
+from bot.actions import Decider
 from bot.config import Settings
 from bot.handlers import PLATFORMS, SWEEP_WINDOW, Context, all_handlers, sweep
+from bot.routing import Outbox, Router, load_owners
+from bot.slack import SlackPoster
 from bot.store import Store
+from bot.tickets import JiraQueue, LinearQueue, Queue, WebhookSink
 from bot.worker import Worker
 from connectors.base import InvoiceBilling
 from connectors.orb import OrbBilling
@@ -29,7 +33,54 @@ def connectors(settings: Settings, config: Config) -> dict[str, Callable[[], Inv
 
 
 def build_context(settings: Settings, config: Config) -> Context:
-    return Context(config, settings.config_path, Store.open(settings.database_url), connectors(settings, config))
+    billing = connectors(settings, config)
+    store = Store.open(settings.database_url)
+    router = build_router(settings, config, store)
+    decider = None
+    if settings.slack_bot_token:
+        platform = "stripe" if "stripe" in billing or "orb" not in billing else "orb"  # write-backs go here
+        decider = Decider(store, config, router, billing.get(platform), platform)  # type: ignore[arg-type]
+    return Context(config, settings.config_path, store, billing, router, decider)
+
+
+def build_outbox(settings: Settings, config: Config) -> Outbox:
+    """A client for each destination whose credentials are set."""
+    queues: dict[str, Queue] = {}
+    routing = config.routing
+    if settings.jira_base_url and settings.jira_email and settings.jira_api_token and routing.jira_project:
+        queues["ticket:jira"] = JiraQueue(
+            settings.jira_base_url,
+            settings.jira_email,
+            settings.jira_api_token,
+            routing.jira_project,
+            routing.jira_issue_type,
+        )
+    if settings.linear_api_key and routing.linear_team:
+        queues["ticket:linear"] = LinearQueue(settings.linear_api_key, routing.linear_team, settings.linear_api_url)
+    for name, url in routing.webhooks.items():
+        queues[f"webhook:{name}"] = WebhookSink(name, url, settings.webhook_sink_secret)
+    slack = SlackPoster(settings.slack_bot_token, settings.slack_api_url) if settings.slack_bot_token else None
+    return Outbox(slack, queues)
+
+
+def build_router(settings: Settings, config: Config, store: Store, dry_run: bool = False) -> Router:
+    lookup = None
+    key = config.routing.owner_metadata_key
+    if key and settings.stripe_api_key:
+        api_key, base = settings.stripe_api_key, settings.stripe_api_base
+
+        def lookup(customer_id: str) -> str | None:
+            return StripeBilling(make_client(api_key, base), config).customer_metadata(customer_id).get(key)
+
+    return Router(
+        store,
+        config,
+        build_outbox(settings, config),
+        owners=load_owners(config, settings.config_path),
+        owner_lookup=lookup,
+        public_url=settings.public_url,
+        dry_run=dry_run,
+    )
 
 
 def build_worker(settings: Settings, config: Config) -> tuple[Context, Worker]:

@@ -158,6 +158,7 @@ def reconcile_invoice(
     )
     document = report_json(report, _scope(joined))
     store.save_run(record, document["summary"], document["lines"])
+    store.recheck_watchlist(run_id, document["lines"], config.period.escalate_after)
     if records.status == "draft":
         hold_if_material(config.platforms.get(provider, {}), billing, invoice_id, run_id, document["lines"])
     return run_id
@@ -207,4 +208,6 @@ def save(
         invoice_id=invoice_id,
         customer_id=next(iter(customers)) if len(customers) == 1 else None,
     )
-    return store.save_run(record, document["summary"], document["lines"])
+    stored = store.save_run(record, document["summary"], document["lines"])
+    store.recheck_watchlist(record.run_id, document["lines"], config.period.escalate_after)
+    return stored

@@ -10,13 +10,16 @@ from __future__ import annotations
 import hashlib
 import hmac
 import json
+import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 from typing import Any, Protocol
+from urllib.parse import parse_qs
 
 import stripe
+from slack_sdk.signature import Clock, SignatureVerifier
 
 STRIPE_TOLERANCE_SECONDS = 300  # the SDK's default tolerance
 ORB_TOLERANCE = timedelta(minutes=5)  # the Orb SDK's window, both ways
@@ -141,6 +144,42 @@ def orb_invoice_of(payload: dict[str, Any]) -> str | None:
     if isinstance(note, dict) and isinstance(note.get("invoice_id"), str):
         return note["invoice_id"]
     return None
+
+
+class _Clock(Clock):
+    def __init__(self, now: Callable[[], float]) -> None:
+        self._now = now
+
+    def now(self) -> float:
+        return self._now()
+
+
+@dataclass(frozen=True)
+class SlackVerifier:
+    """Slack's v0 request signature (`X-Slack-Signature`, `X-Slack-Request-Timestamp`, at most
+    5 minutes off), checked by slack-sdk; the interaction is the form field `payload`."""
+
+    secret: str = field(repr=False)
+    clock: Callable[[], float] = time.time
+    provider: str = "slack"
+
+    def verify(self, body: bytes, headers: Mapping[str, str]) -> InboundEvent:
+        verifier = SignatureVerifier(self.secret, clock=_Clock(self.clock))
+        if not verifier.is_valid(body, headers.get("X-Slack-Request-Timestamp"), headers.get("X-Slack-Signature")):
+            raise SignatureInvalid("missing, wrong or stale X-Slack-Signature")
+        fields = parse_qs(_text(body))
+        if "payload" not in fields:
+            raise MalformedEvent("no payload form field")
+        text = fields["payload"][0]
+        payload = _json_object(text)
+        kind = payload.get("type")
+        if not isinstance(kind, str):
+            raise MalformedEvent("payload has no type")
+        event_id = payload.get("trigger_id") or hashlib.sha256(body).hexdigest()[:32]
+        team = payload.get("team") if isinstance(payload.get("team"), dict) else {}
+        actions = payload.get("actions") if isinstance(payload.get("actions"), list) else []
+        subject = actions[0].get("value") if actions and isinstance(actions[0], dict) else None
+        return InboundEvent("slack", str(event_id), kind, team.get("id"), text, subject=subject)
 
 
 def stripe_invoice_of(payload: dict[str, Any]) -> str | None:

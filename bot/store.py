@@ -17,7 +17,7 @@ from typing import Any
 
 import sqlite_utils
 
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 INBOX_STATES = ("pending", "processing", "done", "ignored", "dead")
 
 
@@ -376,6 +376,8 @@ class Store:
                     "late_units": row["late_units"],
                     "opened_by": row["opened_by"],
                     "cleared_by": json.loads(row["cleared_by"]) if row["cleared_by"] else None,
+                    "cycles": row["cycles"],
+                    "escalated_by": row["escalated_by"],
                 }
             )
         return items
@@ -395,6 +397,218 @@ class Store:
         except sqlite3.Error:
             return False
         return True
+
+    # -- routing: watch-list re-checks and the lines routing reads -------------------
+    # Portable SQL only (`?` placeholders, ON CONFLICT, ISO text times): SQLite and PostgreSQL.
+
+    def recheck_watchlist(self, run_id: str, lines: list[dict[str, Any]], escalate_after: int) -> list[dict[str, Any]]:
+        """Count a cycle on each open timing item of a key this run saw in a later period without
+        clearing it; escalate the items that reach `escalate_after` cycles. Returns those escalated now.
+
+        A cycle is one later period: re-running the same period counts once."""
+        escalated = []
+        for line in lines:
+            customer, meter, seen = line["customer_id"], line["meter"], line["period"]
+            items = self.db.execute(
+                "SELECT period FROM watchlist WHERE customer_id = ? AND meter = ? AND status = 'open' AND period < ?",
+                [customer, meter, seen],
+            ).fetchall()
+            for (period,) in items:
+                self.db.execute(
+                    """INSERT INTO watch_checks (customer_id, meter, period, checked_period, run_id, checked_at)
+                       VALUES (?, ?, ?, ?, ?, ?)
+                       ON CONFLICT (customer_id, meter, period, checked_period) DO NOTHING""",
+                    [customer, meter, period, seen, run_id, now()],
+                )
+                cycles = self.db.execute(
+                    "SELECT count(*) FROM watch_checks WHERE customer_id = ? AND meter = ? AND period = ?",
+                    [customer, meter, period],
+                ).fetchone()[0]
+                escalate = cycles >= escalate_after
+                cursor = self.db.execute(
+                    """UPDATE watchlist SET cycles = ?, status = ?, escalated_by = ?
+                       WHERE customer_id = ? AND meter = ? AND period = ? AND status = 'open'""",
+                    [
+                        cycles,
+                        "escalated" if escalate else "open",
+                        run_id if escalate else None,
+                        customer,
+                        meter,
+                        period,
+                    ],
+                )
+                if escalate and cursor.rowcount == 1:
+                    escalated.append({"customer_id": customer, "meter": meter, "period": period, "cycles": cycles})
+        self.db.conn.commit()
+        return escalated
+
+    def escalated_in(self, run_id: str) -> list[dict[str, Any]]:
+        """The watch-list items a run escalated."""
+        rows = self.db.execute(
+            """SELECT customer_id, meter, period, cycles FROM watchlist WHERE escalated_by = ?
+               ORDER BY customer_id, meter, period""",
+            [run_id],
+        ).fetchall()
+        return [{"customer_id": c, "meter": m, "period": p, "cycles": n} for c, m, p, n in rows]
+
+    def opening_line(self, customer_id: str, meter: str, period: str) -> dict[str, Any] | None:
+        """The timing line that opened a watch-list item, as its run reported it."""
+        row = self.db.execute(
+            """SELECT l.line FROM watchlist w JOIN run_lines l
+                   ON l.run_id = w.opened_by AND l.customer_id = w.customer_id AND l.meter = w.meter
+                      AND l.period = w.period
+               WHERE w.customer_id = ? AND w.meter = ? AND w.period = ?""",
+            [customer_id, meter, period],
+        ).fetchone()
+        return json.loads(row[0]) if row else None
+
+    def latest_line(self, customer_id: str, meter: str, period: str) -> tuple[str, dict[str, Any]] | None:
+        """The newest finished run's line for a key, with that run's id."""
+        row = self.db.execute(
+            """SELECT l.run_id, l.line FROM run_lines l JOIN runs r ON r.run_id = l.run_id
+               WHERE l.customer_id = ? AND l.meter = ? AND l.period = ? AND r.status = 'done'
+               ORDER BY r.created_at DESC LIMIT 1""",
+            [customer_id, meter, period],
+        ).fetchone()
+        return (row[0], json.loads(row[1])) if row else None
+
+    def period_lines(self, period: str) -> list[dict[str, Any]]:
+        """The newest finished run's line for every key of a period (every customer and meter)."""
+        rows = self.db.execute(
+            """SELECT l.customer_id, l.meter, l.line FROM run_lines l JOIN runs r ON r.run_id = l.run_id
+               WHERE l.period = ? AND r.status = 'done' ORDER BY r.created_at, l.run_id""",
+            [period],
+        ).fetchall()
+        latest = {(customer, meter): line for customer, meter, line in rows}
+        return [json.loads(latest[k]) for k in sorted(latest)]
+
+    def run_invoice(self, run_id: str) -> str | None:
+        row = self.db.execute("SELECT invoice_id FROM runs WHERE run_id = ?", [run_id]).fetchone()
+        return row[0] if row else None
+
+
+class RoutingLog:
+    """The routing audit trail: every message, ticket, decision and write-back, by key and run.
+
+    `key` is a discrepancy key (rules.routing.discrepancy_key: customer × meter × period).
+    Portable SQL only, on the same database as the `Store` it is built from.
+    """
+
+    def __init__(self, store: Store) -> None:
+        self.db = store.db
+
+    def _all(self, sql: str, params: list[Any]) -> list[dict[str, Any]]:
+        cursor = self.db.execute(sql, params)
+        columns = [c[0] for c in cursor.description]
+        return [dict(zip(columns, row, strict=True)) for row in cursor.fetchall()]
+
+    def _one(self, sql: str, params: list[Any]) -> dict[str, Any] | None:
+        rows = self._all(sql, params)
+        return rows[0] if rows else None
+
+    def _write(self, sql: str, params: list[Any]) -> int:
+        cursor = self.db.execute(sql, params)
+        self.db.conn.commit()
+        return cursor.rowcount
+
+    # -- messages (one per key and destination, updated in place) --
+
+    def message(self, key: str, destination: str) -> dict[str, Any] | None:
+        return self._one("SELECT * FROM route_messages WHERE key = ? AND destination = ?", [key, destination])
+
+    def messages(self, key: str) -> list[dict[str, Any]]:
+        return self._all("SELECT * FROM route_messages WHERE key = ? ORDER BY destination", [key])
+
+    def save_message(
+        self, key: str, destination: str, channel: str, ts: str, run_id: str, fingerprint: str, summary: str
+    ) -> None:
+        at = now()
+        self._write(
+            """INSERT INTO route_messages (key, destination, channel, ts, run_id, fingerprint, summary,
+                   posted_at, updated_at, updates)
+               VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, 0)
+               ON CONFLICT (key, destination) DO UPDATE SET run_id = excluded.run_id,
+                   fingerprint = excluded.fingerprint, summary = excluded.summary,
+                   updated_at = excluded.updated_at, updates = route_messages.updates + 1""",
+            [key, destination, channel, ts, run_id, fingerprint, summary, at, at],
+        )
+
+    # -- tickets (one per key and queue) --
+
+    def ticket(self, key: str, queue: str) -> dict[str, Any] | None:
+        return self._one("SELECT * FROM route_tickets WHERE key = ? AND queue = ?", [key, queue])
+
+    def save_ticket(self, key: str, queue: str, external_id: str, reference: str, url: str, run_id: str) -> None:
+        self._write(
+            """INSERT INTO route_tickets (key, queue, external_id, reference, url, run_id, created_at)
+               VALUES (?, ?, ?, ?, ?, ?, ?) ON CONFLICT (key, queue) DO NOTHING""",
+            [key, queue, external_id, reference, url, run_id, now()],
+        )
+
+    # -- decisions (stages: proposed, confirmed, final) --
+
+    def decide(
+        self, key: str, stage: str, action: str, user_id: str, user_name: str, run_id: str, event_id: str
+    ) -> bool:
+        """Record a stage of a decision; False (nothing written) if that stage is already taken."""
+        return (
+            self._write(
+                """INSERT INTO route_decisions (key, stage, action, user_id, user_name, run_id, event_id, decided_at)
+                   VALUES (?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT (key, stage) DO NOTHING""",
+                [key, stage, action, user_id, user_name, run_id, event_id, now()],
+            )
+            == 1
+        )
+
+    def decisions(self, key: str) -> dict[str, dict[str, Any]]:
+        rows = self._all("SELECT * FROM route_decisions WHERE key = ? ORDER BY decided_at", [key])
+        return {row["stage"]: row for row in rows}
+
+    # -- write-backs (one per idempotency key) --
+
+    def writeback(self, idempotency_key: str) -> dict[str, Any] | None:
+        return self._one("SELECT * FROM route_writebacks WHERE idempotency_key = ?", [idempotency_key])
+
+    def save_writeback(self, idempotency_key: str, key: str, facts: dict[str, str], run_id: str) -> None:
+        """`facts`: platform, kind (charge | credit), amount, currency and platform_id."""
+        self._write(
+            """INSERT INTO route_writebacks (idempotency_key, key, platform, kind, amount, currency, platform_id,
+                   run_id, written_at)
+               VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT (idempotency_key) DO NOTHING""",
+            [
+                idempotency_key,
+                key,
+                facts["platform"],
+                facts["kind"],
+                facts["amount"],
+                facts["currency"],
+                facts["platform_id"],
+                run_id,
+                now(),
+            ],
+        )
+
+    def writebacks(self, period: str | None = None) -> list[dict[str, Any]]:
+        """Write-backs, oldest first; with `period`, only those of keys in that period."""
+        if period is None:
+            return self._all("SELECT * FROM route_writebacks ORDER BY written_at", [])
+        return self._all("SELECT * FROM route_writebacks WHERE key LIKE ? ORDER BY written_at", [f"%|{period}"])
+
+    def decided(self, period: str) -> frozenset[str]:
+        """Keys of a period with a final decision."""
+        rows = self.db.execute(
+            "SELECT key FROM route_decisions WHERE stage = 'final' AND key LIKE ?", [f"%|{period}"]
+        ).fetchall()
+        return frozenset(r[0] for r in rows)
+
+    def trail(self, key: str) -> dict[str, list[dict[str, Any]]]:
+        """Everything routing did about one key, for the audit."""
+        return {
+            "messages": self.messages(key),
+            "tickets": self._all("SELECT * FROM route_tickets WHERE key = ? ORDER BY queue", [key]),
+            "decisions": self._all("SELECT * FROM route_decisions WHERE key = ? ORDER BY decided_at", [key]),
+            "writebacks": self._all("SELECT * FROM route_writebacks WHERE key = ? ORDER BY written_at", [key]),
+        }
 
 
 def _first_invoice(line: dict[str, Any]) -> str | None:
@@ -460,4 +674,40 @@ def _schema_2(db: sqlite_utils.Database) -> None:
     db.execute("CREATE INDEX inbox_subject ON inbox (provider, subject)")
 
 
-MIGRATIONS = {1: _schema_1, 2: _schema_2}
+def _schema_3(db: sqlite_utils.Database) -> None:
+    """Routing: messages, tickets, decisions, write-backs; watch-list cycles and escalation."""
+    db.execute("ALTER TABLE watchlist ADD COLUMN cycles INTEGER NOT NULL DEFAULT 0")
+    db.execute("ALTER TABLE watchlist ADD COLUMN escalated_by TEXT")
+    db.execute(
+        """CREATE TABLE watch_checks (
+            customer_id TEXT NOT NULL, meter TEXT NOT NULL, period TEXT NOT NULL, checked_period TEXT NOT NULL,
+            run_id TEXT NOT NULL, checked_at TEXT NOT NULL,
+            PRIMARY KEY (customer_id, meter, period, checked_period))"""
+    )
+    db.execute(
+        """CREATE TABLE route_messages (
+            key TEXT NOT NULL, destination TEXT NOT NULL, channel TEXT NOT NULL, ts TEXT NOT NULL,
+            run_id TEXT NOT NULL, fingerprint TEXT NOT NULL, summary TEXT NOT NULL,
+            posted_at TEXT NOT NULL, updated_at TEXT NOT NULL, updates INTEGER NOT NULL DEFAULT 0,
+            PRIMARY KEY (key, destination))"""
+    )
+    db.execute(
+        """CREATE TABLE route_tickets (
+            key TEXT NOT NULL, queue TEXT NOT NULL, external_id TEXT NOT NULL, reference TEXT NOT NULL,
+            url TEXT NOT NULL, run_id TEXT NOT NULL, created_at TEXT NOT NULL, PRIMARY KEY (key, queue))"""
+    )
+    db.execute(
+        """CREATE TABLE route_decisions (
+            key TEXT NOT NULL, stage TEXT NOT NULL, action TEXT NOT NULL, user_id TEXT NOT NULL,
+            user_name TEXT NOT NULL, run_id TEXT NOT NULL, event_id TEXT NOT NULL, decided_at TEXT NOT NULL,
+            PRIMARY KEY (key, stage))"""
+    )
+    db.execute(
+        """CREATE TABLE route_writebacks (
+            idempotency_key TEXT PRIMARY KEY, key TEXT NOT NULL, platform TEXT NOT NULL, kind TEXT NOT NULL,
+            amount TEXT NOT NULL, currency TEXT NOT NULL, platform_id TEXT NOT NULL, run_id TEXT NOT NULL,
+            written_at TEXT NOT NULL)"""
+    )
+
+
+MIGRATIONS = {1: _schema_1, 2: _schema_2, 3: _schema_3}

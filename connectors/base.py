@@ -106,12 +106,21 @@ def _inside(span_start: datetime, span_end: datetime, start: datetime, end: date
 
 
 class WriteBack(Protocol):
-    """Corrections written to a billing platform, each once per idempotency key.
-
-    Both return the platform's id of the object they made."""
+    """Corrections written back to a billing platform, each under an idempotency key (so a
+    retry or a second click writes nothing new). Amounts are positive, in major units.
+    Each returns the platform's id of what it wrote."""
 
     def add_charge(
-        self, customer_id: str, amount: Decimal, currency: str, description: str, idempotency_key: str
+        self,
+        customer_id: str,
+        amount: Decimal,
+        currency: str,
+        description: str,
+        idempotency_key: str,
+        *,
+        invoice_id: str | None = None,  # the draft to put it on, when it is still a draft
+        meter: str | None = None,  # the key it corrects, kept with the charge so the next
+        period: tuple[datetime, datetime] | None = None,  # run reads it as a catch-up, not usage
     ) -> str: ...
 
     def issue_credit(
@@ -122,6 +131,8 @@ class WriteBack(Protocol):
         currency: str,
         description: str,
         idempotency_key: str,
+        *,
+        meter: str | None = None,
     ) -> str: ...
 
 

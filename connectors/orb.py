@@ -374,9 +374,22 @@ class OrbBilling:
         )
 
     def add_charge(
-        self, customer_id: str, amount: Decimal, currency: str, description: str, idempotency_key: str
+        self,
+        customer_id: str,
+        amount: Decimal,
+        currency: str,
+        description: str,
+        idempotency_key: str,
+        *,
+        invoice_id: str | None = None,
+        meter: str | None = None,
+        period: tuple[datetime, datetime] | None = None,
     ) -> str:
-        """A one-off line on the customer's newest draft invoice in `currency`; its line item id."""
+        """A one-off line on the customer's newest draft invoice in `currency`; its line item id.
+
+        Orb invoices are issued once their period closes, so the reconciled `invoice_id` is not
+        a draft any more; the one-off line has no billable metric, so later runs do not read it
+        as usage of `meter` (the description names the key it corrects)."""
         draft = self._draft_invoice(customer_id, currency)
         day = _instant(draft["invoice_date"]).date().isoformat()
         body = {
@@ -398,6 +411,8 @@ class OrbBilling:
         currency: str,
         description: str,
         idempotency_key: str,
+        *,
+        meter: str | None = None,
     ) -> str:
         """A customer balance increment (applied to their next invoices); its transaction id."""
         if invoice_id:

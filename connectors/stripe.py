@@ -30,7 +30,7 @@ Mapping rules
   named by its own `metadata.meter`, then the credit note's, and the period of
   that meter's lines on the invoice, else the invoice's usage period.
 - Usage period of the invoice: the span of its lines mapped to configured meters,
-  else of all its lines, else the invoice's `period_start`/`period_end`.
+  else of all its lines (catch-up adjustments aside), else the invoice's `period_start`/`period_end`.
 - Metered units: for each meter with a `stripe_meter`, and each period of its
   lines (overlapping periods merged, so no usage is counted twice; the invoice's
   usage period when it has no line), the sum of `aggregated_value` of the meter's
@@ -49,6 +49,14 @@ header, when sent, decides instead. The SDK's own retries are off
 `UpstreamUnavailable` only, with jittered exponential waits, stopping at
 `max_attempts` or before `max_elapsed` seconds, whichever comes first.
 
+Write-back (`connectors.base.WriteBack`): `add_charge` creates an invoice item (on the
+invoice's draft when `invoice_id` names one still in draft, else pending for the customer's
+next invoice) with `metadata.recon_kind = catch_up`, the meter and the discrepancy's period,
+so a later read takes it as an `adjustment` of that key (never as usage, never in a later
+period's key). `issue_credit` writes a credit note on a finalized invoice (the part above
+what is still due goes to the customer's balance), or a customer balance credit when there
+is no finalized invoice. Every write carries the caller's idempotency key.
+
 Prices and customers are cached for the life of a `StripeBilling`: build one per
 run (or per burst of webhook events) so a changed customer metadata is seen.
 Requests carry `Stripe-Version: API_VERSION` whatever the account's default.
@@ -61,7 +69,7 @@ import logging
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from datetime import UTC, datetime, timedelta
-from decimal import Decimal
+from decimal import ROUND_HALF_UP, Decimal
 from typing import Any
 from urllib.parse import quote
 
@@ -184,6 +192,110 @@ class StripeBilling:
         options: Any = {"idempotency_key": f"recon-hold-{invoice_id}-{run_id}"}
         self._retrying(self._hold_once, invoice_id, params, options)
 
+    # -- write-back -------------------------------------------------------------------
+
+    def add_charge(
+        self,
+        customer_id: str,
+        amount: Decimal,
+        currency: str,
+        description: str,
+        idempotency_key: str,
+        *,
+        invoice_id: str | None = None,
+        meter: str | None = None,
+        period: Span | None = None,
+    ) -> str:
+        """A catch-up invoice item: on `invoice_id` if it is still a draft, else pending."""
+        stripe_customer, invoice = self._customer_and_invoice(customer_id, invoice_id)
+        params: Any = {
+            "customer": stripe_customer,
+            "currency": currency.lower(),
+            "amount": to_minor_units(amount, currency),
+            "description": description[:500],
+            "metadata": _recon_metadata("catch_up", idempotency_key, meter),
+        }
+        if invoice is not None and invoice.get("status") == "draft":
+            params["invoice"] = invoice["id"]
+        if period is not None:
+            params["period"] = {"start": _unix(period[0]), "end": _unix(period[1]) - 1}  # Stripe's end is inclusive
+        item = self._retrying(self._create_once, "invoice_items", params, idempotency_key)
+        log.info("stripe invoice item %s for %s (%s)", item, stripe_customer, idempotency_key)
+        return item
+
+    def issue_credit(
+        self,
+        customer_id: str,
+        invoice_id: str | None,
+        amount: Decimal,
+        currency: str,
+        description: str,
+        idempotency_key: str,
+        *,
+        meter: str | None = None,
+    ) -> str:
+        """A credit note on a finalized invoice, else a customer balance credit."""
+        stripe_customer, invoice = self._customer_and_invoice(customer_id, invoice_id)
+        minor = to_minor_units(amount, currency)
+        metadata = _recon_metadata("credit", idempotency_key, meter)
+        if invoice is not None and invoice.get("status") in ("open", "paid"):
+            params: Any = {
+                "invoice": invoice["id"],
+                "lines": [
+                    {"type": "custom_line_item", "description": description[:500], "quantity": 1, "unit_amount": minor}
+                ],
+                "memo": description[:500],
+                "metadata": metadata,
+            }
+            due = 0 if invoice.get("status") == "paid" else int(invoice.get("amount_remaining") or 0)
+            if minor > due:
+                params["credit_amount"] = minor - due
+            note = self._retrying(self._create_once, "credit_notes", params, idempotency_key)
+            log.info("stripe credit note %s on %s (%s)", note, invoice["id"], idempotency_key)
+            return note
+        params = {
+            "amount": -minor,
+            "currency": currency.lower(),
+            "description": description[:350],
+            "metadata": metadata,
+        }
+        txn = self._retrying(self._create_once, "balance_transactions", params, idempotency_key, stripe_customer)
+        log.info("stripe balance credit %s for %s (%s)", txn, stripe_customer, idempotency_key)
+        return txn
+
+    def stripe_customer(self, customer_id: str) -> str:
+        """The Stripe customer of a product customer id: itself, or by the metadata rule (search)."""
+        if self._metadata_key is None:
+            return customer_id
+        query = f"metadata['{self._metadata_key}']:'{customer_id}'"
+        found = self._get("/v1/customers/search", query=query, limit=1)["data"]
+        if not found:
+            raise UpstreamRejected(f"Stripe: no customer has metadata.{self._metadata_key} = {customer_id!r}")
+        return str(found[0]["id"])
+
+    def customer_metadata(self, customer_id: str) -> dict[str, str]:
+        """The metadata of a product customer's Stripe customer (the CSM owner map may read it)."""
+        customer = self._get(f"/v1/customers/{_path(self.stripe_customer(customer_id))}")
+        return {str(k): str(v) for k, v in (customer.get("metadata") or {}).items()}
+
+    def _customer_and_invoice(self, customer_id: str, invoice_id: str | None) -> tuple[str, Json | None]:
+        if invoice_id:
+            invoice = self._get(f"/v1/invoices/{_path(invoice_id)}")
+            return _id_of(invoice.get("customer")) or self.stripe_customer(customer_id), invoice
+        return self.stripe_customer(customer_id), None
+
+    def _create_once(self, service: str, params: Any, idempotency_key: str, parent: str | None = None) -> str:
+        options: Any = {"idempotency_key": idempotency_key}
+        v1 = self._client.v1
+        try:
+            if service == "balance_transactions":
+                created = v1.customers.balance_transactions.create(parent or "", params, options)
+            else:
+                created = getattr(v1, service).create(params, options)
+        except stripe.StripeError as exc:
+            raise translate_error(exc, f"POST /v1/{service}") from exc
+        return str(created.id)
+
     def customer_id(self, stripe_customer: str) -> str:
         """The product's customer id for a Stripe customer id, by the configured rule."""
         if self._metadata_key is None or not stripe_customer:
@@ -227,7 +339,7 @@ class StripeBilling:
             quantity=_quantity(line),
             amount=to_major_units(line["amount"], currency),
             currency=currency,
-            kind="proration" if _is_proration(line) else "usage",
+            kind=_line_kind(line),
         )
 
     def _line_meter(self, line: Json) -> str:
@@ -250,7 +362,8 @@ class StripeBilling:
         return self._prices[price_id]
 
     def _usage_period(self, lines: list[InvoiceLine], invoice: Json) -> Span:
-        mapped = [ln for ln in lines if ln.meter in self._meters] or lines
+        usage = [ln for ln in lines if ln.kind != "adjustment"]  # a catch-up keeps its own, earlier period
+        mapped = [ln for ln in usage if ln.meter in self._meters] or usage
         if not mapped:
             return _instant(invoice["period_start"]), _instant(invoice["period_end"])
         return min(ln.period_start for ln in mapped), max(ln.period_end for ln in mapped)
@@ -447,6 +560,25 @@ def _line_price(line: Json) -> tuple[str, Json | None]:
     if isinstance(price, dict):
         return str(price.get("id") or ""), price
     return str(price or ""), None
+
+
+def _line_kind(line: Json) -> str:
+    """`adjustment` for a catch-up charge this product wrote back; else proration or usage."""
+    if _metadata(line).get("recon_kind") == "catch_up":
+        return "adjustment"
+    return "proration" if _is_proration(line) else "usage"
+
+
+def _recon_metadata(kind: str, idempotency_key: str, meter: str | None) -> dict[str, str]:
+    """Marks a write-back as this product's, with the meter it corrects."""
+    return {"recon_kind": kind, "recon_key": idempotency_key} | ({"meter": meter} if meter else {})
+
+
+def to_minor_units(amount: Decimal, currency: str) -> int:
+    """A major-unit amount as Stripe's integer minor units (half-up to the currency's exponent)."""
+    code = currency.lower()
+    exponent = _STRIPE_EXPONENTS.get(code, minor_exponent(code))
+    return int(amount.scaleb(exponent).quantize(Decimal(1), rounding=ROUND_HALF_UP))
 
 
 def _is_proration(line: Json) -> bool:

@@ -64,6 +64,31 @@ class Route:
 
 
 @dataclass(frozen=True)
+class Owner:
+    """Who owns a customer (its CSM), as each destination knows them."""
+
+    slack: str | None = None  # a Slack user id (U...) or @handle
+    jira: str | None = None  # a Jira accountId
+    linear: str | None = None  # a Linear user id
+
+
+@dataclass(frozen=True)
+class RoutingRules:
+    """`[routing]`: the digest channel, CSM owners, customer segments, ticket queues, webhook sinks."""
+
+    digest: str | None = None
+    owners: dict[str, Owner] = field(default_factory=dict)
+    owners_csv: str | None = None
+    owner_metadata_key: str | None = None  # else, the billing customer's metadata key naming its CSM
+    segments: dict[str, str] = field(default_factory=dict)
+    jira_project: str | None = None
+    jira_issue_type: str = "Task"
+    linear_team: str | None = None
+    webhooks: dict[str, str] = field(default_factory=dict)
+    second_approver_above: Decimal | None = None
+
+
+@dataclass(frozen=True)
 class PeriodRules:
     timezone: str = "UTC"
     grace: timedelta = timedelta(hours=48)
@@ -89,15 +114,18 @@ class Config:
     routes: tuple[Route, ...] = ()
     platforms: dict[str, dict[str, Any]] = field(default_factory=dict)
     evidence_limit: int = 100
+    routing: RoutingRules = field(default_factory=RoutingRules)
 
     @property
     def fingerprint(self) -> str:
-        """A hash of the config's meaning (not its spelling): the calculation's version."""
-        canonical = json.dumps(asdict(self), sort_keys=True, default=str)
+        """A hash of the config's meaning (not its spelling): the calculation's version.
+        Where findings are sent (`[[routes]]`, `[routing]`, `[approvals]`) is not part of it."""
+        meaning = {k: v for k, v in asdict(self).items() if k not in ("routing",)}
+        canonical = json.dumps(meaning, sort_keys=True, default=str)
         return hashlib.sha256(canonical.encode()).hexdigest()
 
 
-_TOP = {"sources", "period", "meters", "routes", "stripe", "orb", "approvals", "evidence"}
+_TOP = {"sources", "period", "meters", "routes", "stripe", "orb", "approvals", "evidence", "routing"}
 _METER_KEYS = {
     "name",
     "unit_size",
@@ -143,6 +171,7 @@ def parse_config(text: str) -> Config:
         platforms={k: _platform(doc[k], k) for k in ("stripe", "orb") if k in doc}
         | ({"approvals": _table(doc["approvals"], "approvals")} if "approvals" in doc else {}),
         evidence_limit=_int(evidence.get("limit", 100), "evidence.limit", minimum=0),
+        routing=_routing(doc.get("routing", {}), doc.get("approvals", {})),
     )
 
 
@@ -381,3 +410,55 @@ def _destination(value: Any, where: str) -> str:
             f"webhook:NAME or watchlist (got {value!r})"
         )
     return value
+
+
+def _routing(table: Any, approvals: Any) -> RoutingRules:
+    table = _table(table, "routing")
+    _only(
+        table,
+        {"digest", "owners", "owners_csv", "owner_metadata_key", "segments", "jira", "linear", "webhooks"},
+        "routing",
+    )
+    approvals = _table(approvals, "approvals")
+    _only(approvals, {"second_approver_above"}, "approvals")
+    owners = {
+        customer: _owner(value, f"routing.owners.{customer}")
+        for customer, value in _table(table.get("owners", {}), "routing.owners").items()
+    }
+    jira = _table(table.get("jira", {}), "routing.jira")
+    _only(jira, {"project", "issue_type"}, "routing.jira")
+    linear = _table(table.get("linear", {}), "routing.linear")
+    _only(linear, {"team_id"}, "routing.linear")
+    digest = table.get("digest")
+    if digest is not None and not (isinstance(digest, str) and digest.startswith("slack:")):
+        raise ConfigError(f"routing.digest: must be slack:#channel or slack:@user (got {digest!r})")
+    above = approvals.get("second_approver_above")
+    return RoutingRules(
+        digest=_destination(digest, "routing.digest") if digest else None,
+        owners=owners,
+        owners_csv=_str(table["owners_csv"], "routing.owners_csv") if "owners_csv" in table else None,
+        owner_metadata_key=(
+            _str(table["owner_metadata_key"], "routing.owner_metadata_key") if "owner_metadata_key" in table else None
+        ),
+        segments={
+            k: _str(v, f"routing.segments.{k}")
+            for k, v in _table(table.get("segments", {}), "routing.segments").items()
+        },
+        jira_project=_str(jira["project"], "routing.jira.project") if "project" in jira else None,
+        jira_issue_type=_str(jira.get("issue_type", "Task"), "routing.jira.issue_type"),
+        linear_team=_str(linear["team_id"], "routing.linear.team_id") if "team_id" in linear else None,
+        webhooks={
+            k: _str(v, f"routing.webhooks.{k}")
+            for k, v in _table(table.get("webhooks", {}), "routing.webhooks").items()
+        },
+        second_approver_above=_decimal(above, "approvals.second_approver_above") if above is not None else None,
+    )
+
+
+def _owner(value: Any, where: str) -> Owner:
+    """A Slack user as a string, or a table `{slack, jira, linear}`."""
+    if isinstance(value, str):
+        return Owner(slack=_str(value, where))
+    table = _table(value, where)
+    _only(table, {"slack", "jira", "linear"}, where)
+    return Owner(**{k: _str(v, f"{where}.{k}") for k, v in table.items()})

@@ -13,7 +13,7 @@ from bot.store import Store
 def _clean_environment(monkeypatch: pytest.MonkeyPatch, tmp_path) -> None:
     """Each test starts with none of the product's variables set and a scratch database."""
     for name in list(os.environ):
-        if name.startswith(("RECON_", "STRIPE_", "ORB_", "SLACK_")):
+        if name.startswith(("RECON_", "STRIPE_", "ORB_", "SLACK_", "JIRA_", "LINEAR_")):
             monkeypatch.delenv(name)
     monkeypatch.setenv("RECON_DATABASE_URL", f"sqlite:///{tmp_path / 'recon.db'}")
 

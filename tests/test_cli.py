@@ -9,7 +9,7 @@ from click.testing import CliRunner
 from bot.cli import main
 from bot.config import Settings
 from bot.store import SCHEMA_VERSION, Store
-from tests.book import event, line, metered, write_book
+from tests.book import config_text, event, line, metered, write_book
 
 
 def recon(*args: str):
@@ -111,7 +111,44 @@ def test_demo_table_shows_routing_dry_run():
     result = recon("demo")
     assert result.exit_code == 0
     assert "Routing (dry run" in result.stdout
-    assert "slack:#revops" in result.stdout
+    for where in ("slack:#revops", "ticket:jira", "slack:@U0CSMANNA", "watchlist", "slack:#revops-digest"):
+        assert where in result.stdout
+    assert "invoice in_umbrella_202610" in result.stdout  # what cleared the timing item
+
+
+def test_route_dry_run_says_what_would_go_where_and_sends_nothing(tmp_path, monkeypatch):
+    config = write_book(
+        tmp_path,
+        [event("e1", 100_000), event("e2", 30_000)],
+        [metered(100_000)],
+        [line(100, "100.00")],
+        config_text(extra='[[routes]]\nclass = "under_bill"\nto = "slack:#revops"\n'),
+    )
+    monkeypatch.setenv("RECON_CONFIG", str(config))
+    run_id = json.loads(recon("reconcile", "--format", "json").stdout)["run_id"]
+
+    result = recon("route", run_id, "--dry-run")
+
+    assert result.exit_code == 0, result.output
+    assert (
+        result.stdout
+        == "slack:#revops\twould post\tcus_a|api_calls|2026-10\tunder_bill: cus_a · api_calls · 2026-10: 60.00 USD\n"
+    )
+    assert recon("route", "run_nope", "--dry-run").exit_code == 2
+
+
+def test_reconcile_route_without_slack_credentials_says_what_was_not_sent(tmp_path):
+    config = write_book(
+        tmp_path,
+        [event("e1", 130_000)],
+        [metered(130_000)],
+        [line(110, "120.00")],
+        config_text(extra='[[routes]]\nclass = "under_bill"\nto = "slack:#revops"\n'),
+    )
+    result = recon("reconcile", "--config", str(config), "--route", "--format", "json")
+    assert result.exit_code == 0, result.output
+    assert json.loads(result.stdout)["lines"][0]["class"] == "under_bill"  # stdout is still only the report
+    assert "route slack:#revops: not configured: under_bill: cus_a" in result.stderr
 
 
 def test_migrate_reports_the_schema_version():

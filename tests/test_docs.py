@@ -7,7 +7,9 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def test_every_environment_variable_is_documented():
-    read = set(re.findall(r'"((?:RECON|STRIPE|ORB|SLACK)_[A-Z_]+)"', (ROOT / "bot" / "config.py").read_text()))
+    read = set(
+        re.findall(r'"((?:RECON|STRIPE|ORB|SLACK|JIRA|LINEAR)_[A-Z_]+)"', (ROOT / "bot" / "config.py").read_text())
+    )
     readme = (ROOT / "README.md").read_text()
     assert read, "no variables found in bot/config.py"
     assert sorted(v for v in read if f"`{v}`" not in readme) == []

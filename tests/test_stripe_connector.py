@@ -24,6 +24,7 @@ from connectors.stripe import (
     InvoiceSummary,
     merge_spans,
     to_major_units,
+    to_minor_units,
 )
 from rules.config import ConfigError
 from tests.stripe_fake import (
@@ -449,3 +450,33 @@ def test_recent_invoices_are_listed_across_pages(stripe_api):
         InvoiceSummary("in_2", CUSTOMER, "open", at(NOV + 60)),
         InvoiceSummary("in_1", CUSTOMER, "draft", at(NOV + 30)),
     ]
+
+
+def test_a_catch_up_charge_written_back_reads_as_an_adjustment_of_its_own_period(stripe_api):
+    """The invoice item Approve writes lands on a later invoice with the earlier key's period:
+    it adjusts that key's amount and is never counted as usage of the later period."""
+    catch_up = line(
+        "il_catchup",
+        None,
+        start=OCT,
+        end=NOV - 1,
+        amount=4000,
+        quantity="1",
+        parent="invoice_item_details",
+        metadata={"recon_kind": "catch_up", "recon_key": "recon-charge-abc", "meter": "api_calls"},
+    )
+    serve_invoice(stripe_api, [line("il_nov", start=NOV, end=DEC), catch_up])
+
+    records = billing().invoice_records(INVOICE)
+
+    (adjustment,) = [ln for ln in records.lines if ln.line_id == "il_catchup"]
+    assert (adjustment.kind, adjustment.meter, adjustment.amount) == ("adjustment", "api_calls", Decimal("40.00"))
+    assert (records.period_start, records.period_end, adjustment.period_start) == (at(NOV), at(DEC), at(OCT))
+
+
+@pytest.mark.parametrize(
+    ("major", "currency", "minor"),
+    [("40.00", "usd", 4000), ("1500", "jpy", 1500), ("0.125", "kwd", 125), ("0.005", "usd", 1)],
+)
+def test_major_units_become_minor_units(major, currency, minor):
+    assert to_minor_units(Decimal(major), currency) == minor

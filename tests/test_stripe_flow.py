@@ -222,3 +222,29 @@ def test_drafts_are_not_held_by_default_or_below_the_threshold(world, stripe_api
     assert worker(context).run_once()  # an unexpected POST would fail: responses knows no such URL
 
     assert world.store.events()[0]["status"] == "done"
+
+
+def test_an_invoice_event_routes_its_run_once_however_often_it_is_processed(world, stripe_api, tmp_path):
+    from bot.routing import Outbox, Router
+    from bot.slack import Pacer, SlackPoster
+    from bot.store import RoutingLog
+    from tests.slack_fake import FakeSlack
+
+    routes = '\n[[routes]]\nclass = "under_bill"\nto = "slack:#revops"\n'
+    config = parse_config(CONFIG + routes)
+    with FakeSlack() as slack:
+        poster = SlackPoster("xoxb-test", slack.url, sleep=lambda s: None, pacer=Pacer(sleep=lambda s: None))
+        router = Router(world.store, config, Outbox(poster))
+        context = Context(config, tmp_path / "recon.toml", world.store, world.billing, router)
+        enqueue(context, "evt_1")
+        enqueue(context, "evt_1b", "invoice.finalized")
+        for _ in range(2):
+            serve_under_billed_invoice(stripe_api)
+        job = worker(context)
+        while job.run_once():
+            pass
+
+        (alert,) = slack.posted()
+    assert alert["channel"] == "#revops" and alert["text"].startswith(f"under_bill: {CUSTOMER} · api_calls · 2026-10")
+    message = RoutingLog(world.store).message(f"{CUSTOMER}|api_calls|2026-10", "slack:#revops")
+    assert message["run_id"] in {event_run_id("stripe", "evt_1"), event_run_id("stripe", "evt_1b")}

@@ -1,0 +1,144 @@
+"""Slack button clicks, processed by the worker: the decision, the write-back, the message update.
+
+- Approve (under-bill) writes a catch-up charge, Issue credit (over-bill) a credit, each under
+  the platform idempotency key `rules.routing.writeback_key(kind, key)`: a double click, a
+  retried event or a second worker never writes twice (the store is checked first, and the
+  platform itself replays the first result for the same key).
+- Absorb and Dismiss record that we let it go; Sign off closes a period's digest.
+- Above `[approvals] second_approver_above`, Approve and Issue credit only propose: a
+  second click (the same button, or Confirm) by a *different* Slack user decides. The
+  proposer clicking again changes nothing.
+- Every stage is recorded with the user and the time, linked to the key and its run; then
+  every message of the key is updated to name the decision and the user.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from datetime import datetime
+from decimal import Decimal
+from typing import Any
+
+from bot.routing import Router
+from bot.store import RoutingLog, Store
+from connectors.base import UpstreamRejected, WriteBack
+from rules.config import Config
+from rules.routing import WRITES, needs_second, split_key, writeback_key
+
+log = logging.getLogger(__name__)
+
+DECISIONS = ("approve", "absorb", "issue_credit", "dismiss", "confirm", "sign_off")
+ALLOWED = {"under_bill": ("approve", "absorb"), "over_bill": ("issue_credit", "dismiss")}
+
+
+class Decider:
+    def __init__(
+        self,
+        store: Store,
+        config: Config,
+        router: Router,
+        writeback: Callable[[], WriteBack] | None,
+        platform: str = "stripe",
+    ) -> None:
+        self.store, self.config, self.router = store, config, router
+        self.log = RoutingLog(store)
+        self.writeback, self.platform = writeback, platform
+
+    def handle(self, payload: dict[str, Any], event_id: str) -> str:
+        """Act on a block_actions payload; returns what happened (for the worker's log)."""
+        actions = payload.get("actions") or []
+        if not actions:
+            return "no action"
+        action, key = actions[0].get("action_id"), actions[0].get("value") or ""
+        user = payload.get("user") or {}
+        user_id, user_name = str(user.get("id") or ""), str(user.get("username") or user.get("name") or "")
+        if action not in DECISIONS or not user_id or "|" not in key:
+            return f"ignored {action}"
+        if action == "sign_off":
+            posted = self.log.messages(key)
+            run_id = posted[0]["run_id"] if posted else "digest"
+            self.log.decide(key, "final", "sign_off", user_id, user_name, run_id, event_id)
+            self.router.refresh(key)
+            return "signed off"
+        found = self.store.latest_line(*split_key(key))
+        if found is None:
+            return f"unknown key {key}"
+        run_id, line = found
+        outcome = self._decide(key, action, line, run_id, user_id, user_name, event_id)
+        self._write_if_decided(key, line, run_id)
+        self.router.refresh(key)
+        return outcome
+
+    def _decide(
+        self, key: str, action: str, line: dict[str, Any], run_id: str, user_id: str, user_name: str, event_id: str
+    ) -> str:
+        decisions = self.log.decisions(key)
+        if "final" in decisions:
+            return f"already decided: {decisions['final']['action']}"
+        proposed = decisions.get("proposed")
+        if action == "confirm" or (proposed is not None and action == proposed["action"]):
+            if proposed is None:
+                return "nothing to confirm"
+            if proposed["user_id"] == user_id:
+                log.info("key %s: %s cannot confirm their own proposal", key, user_id)
+                return "refused: the proposer cannot confirm"
+            self.log.decide(key, "final", proposed["action"], user_id, user_name, run_id, event_id)
+            return f"confirmed {proposed['action']}"
+        if action not in ALLOWED.get(line["class"], ()):
+            return f"ignored {action} on a {line['class']}"
+        above = self.config.routing.second_approver_above
+        if needs_second(action, Decimal(line["delta_amount"]), above):
+            self.log.decide(key, "proposed", action, user_id, user_name, run_id, event_id)
+            return f"proposed {action}"
+        self.log.decide(key, "final", action, user_id, user_name, run_id, event_id)
+        return action
+
+    def _write_if_decided(self, key: str, line: dict[str, Any], run_id: str) -> None:
+        final = self.log.decisions(key).get("final")
+        if final is None or final["action"] not in WRITES:
+            return
+        kind = WRITES[final["action"]]
+        idempotency_key = writeback_key(kind, key)
+        if self.log.writeback(idempotency_key) is not None:
+            return
+        if self.writeback is None:
+            raise UpstreamRejected(f"{self.platform}: no API key configured for the write-back")
+        platform_id = self._write(kind, key, line, run_id, idempotency_key)
+        self.log.save_writeback(
+            idempotency_key,
+            key,
+            {
+                "platform": self.platform,
+                "kind": kind,
+                "amount": str(abs(Decimal(line["delta_amount"]))),
+                "currency": line["currency"],
+                "platform_id": platform_id,
+            },
+            run_id,
+        )
+
+    def _write(self, kind: str, key: str, line: dict[str, Any], run_id: str, idempotency_key: str) -> str:
+        assert self.writeback is not None
+        target = self.writeback()
+        customer, meter, period = split_key(key)
+        amount = abs(Decimal(line["delta_amount"]))
+        invoice_id = next(iter(line["evidence"].get("invoice_ids") or []), None) or self.store.run_invoice(run_id)
+        span = (datetime.fromisoformat(line["period_start"]), datetime.fromisoformat(line["period_end"]))
+        if kind == "charge":
+            description = f"Usage catch-up: {meter} {period} ({line['delta_units']} units not billed)"
+            # keyword extras: where the charge lands and which key it corrects (see connectors.stripe)
+            return target.add_charge(
+                customer,
+                amount,
+                line["currency"],
+                description,
+                idempotency_key,
+                invoice_id=invoice_id,
+                meter=meter,
+                period=span,
+            )
+        description = f"Usage credit: {meter} {period} ({line['delta_units']} units billed over usage)"
+        return target.issue_credit(
+            customer, invoice_id, amount, line["currency"], description, idempotency_key, meter=meter
+        )
