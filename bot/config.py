@@ -48,6 +48,7 @@ class Settings:
     linear_api_url: str | None = None
     webhook_sink_secret: str | None = field(default=None, repr=False)
     webhook_max_bytes: int = 1024 * 1024
+    redis_url: str | None = field(default=None, repr=False)  # shares the platforms' rate budget
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> Settings:
@@ -72,4 +73,5 @@ class Settings:
             linear_api_url=env.get("LINEAR_API_URL") or None,
             webhook_sink_secret=env.get("RECON_WEBHOOK_SIGNING_SECRET") or None,
             webhook_max_bytes=_int(env, "RECON_WEBHOOK_MAX_BYTES", 1024 * 1024),
+            redis_url=env.get("RECON_REDIS_URL") or None,
         )

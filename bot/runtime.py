@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import time
 from collections.abc import Callable
 from datetime import UTC, datetime
@@ -16,6 +17,7 @@ from bot.tickets import JiraQueue, LinearQueue, Queue, WebhookSink
 from bot.worker import Worker
 from connectors.base import InvoiceBilling
 from connectors.orb import OrbBilling
+from connectors.pacing import Pace, pace_for
 from connectors.stripe import StripeBilling, make_client
 from rules.config import Config
 
@@ -25,11 +27,20 @@ def connectors(settings: Settings, config: Config) -> dict[str, Callable[[], Inv
     billing: dict[str, Callable[[], InvoiceBilling]] = {}
     if settings.stripe_api_key:
         key, base = settings.stripe_api_key, settings.stripe_api_base
-        billing["stripe"] = lambda: StripeBilling(make_client(key, base), config)
+        stripe_pace = pace(settings, config, "stripe", key)
+        billing["stripe"] = lambda: StripeBilling(make_client(key, base), config, pace=stripe_pace)
     if settings.orb_api_key:
         orb_key, orb_base = settings.orb_api_key, settings.orb_api_base
-        billing["orb"] = lambda: OrbBilling(config, orb_key, orb_base)
+        orb_pace = pace(settings, config, "orb", orb_key)
+        billing["orb"] = lambda: OrbBilling(config, orb_key, orb_base, pace=orb_pace)
     return billing
+
+
+def pace(settings: Settings, config: Config, platform: str, api_key: str) -> Pace:
+    """One pace per platform account for the whole process (or, with RECON_REDIS_URL, for
+    every process sharing that Redis): the account is named by a hash of its key."""
+    account = hashlib.sha256(api_key.encode()).hexdigest()[:16]
+    return pace_for(platform, account, config.platforms.get(platform, {}), settings.redis_url)
 
 
 def build_context(settings: Settings, config: Config) -> Context:

@@ -95,6 +95,7 @@ from connectors.base import (
     UpstreamRejected,
     UpstreamUnavailable,
 )
+from connectors.pacing import Pace
 from connectors.stripe import merge_spans
 from rules.config import Config, ConfigError
 from rules.models import InvoiceLine, MeteredRecord
@@ -143,8 +144,11 @@ class OrbBilling:
         wait_max: float = 8,
         max_wait_retry_after: float = 60,
         sleep: Callable[[float], None] = time.sleep,
+        pace: Pace | None = None,
     ) -> None:
-        """`customer_id_from` defaults to the config's `[orb] customer_id_from`."""
+        """`customer_id_from` defaults to the config's `[orb] customer_id_from`; `pace` keeps
+        every request (each retry too) under the account's rate limit."""
+        self._pace = pace
         self._base = (api_base or DEFAULT_API_BASE).rstrip("/")
         self._session = session or requests.Session()
         self._session.headers.update({"Authorization": f"Bearer {api_key}", "Accept": "application/json"})
@@ -475,6 +479,8 @@ class OrbBilling:
     ) -> Json:
         what = f"{method} {path}"
         headers = {"Idempotency-Key": idempotency_key} if idempotency_key else {}
+        if self._pace is not None:
+            self._pace.wait()
         try:
             response = self._session.request(
                 method, self._base + path, params=params, json=body, headers=headers, timeout=self._timeout

@@ -90,6 +90,7 @@ from connectors.base import (
     UpstreamRejected,
     UpstreamUnavailable,
 )
+from connectors.pacing import Pace
 from rules.config import Config, ConfigError
 from rules.models import InvoiceLine, MeteredRecord
 from rules.pricing import minor_exponent
@@ -140,9 +141,12 @@ class StripeBilling:
         max_elapsed: float = 60,
         wait_initial: float = 0.5,
         wait_max: float = 8,
+        pace: Pace | None = None,
     ) -> None:
-        """`customer_id_from` defaults to the config's `[stripe] customer_id_from`."""
+        """`customer_id_from` defaults to the config's `[stripe] customer_id_from`; `pace`
+        keeps every request (each retry too) under the account's rate limit."""
         self._client = client
+        self._pace = pace
         self._meters = config.meters
         rule = customer_id_from or config.platforms.get("stripe", {}).get("customer_id_from")
         self._metadata_key = _metadata_key(rule)
@@ -285,6 +289,7 @@ class StripeBilling:
         return self.stripe_customer(customer_id), None
 
     def _create_once(self, service: str, params: Any, idempotency_key: str, parent: str | None = None) -> str:
+        self._paced()
         options: Any = {"idempotency_key": idempotency_key}
         v1 = self._client.v1
         try:
@@ -428,17 +433,23 @@ class StripeBilling:
         if embedded.get("has_more") and embedded["data"]:
             yield from self._paginate(embedded["url"], starting_after=embedded["data"][-1]["id"])
 
+    def _paced(self) -> None:
+        if self._pace is not None:
+            self._pace.wait()
+
     def _get(self, path: str, **params: Any) -> Json:
         """One GET, retried on `UpstreamUnavailable`, parsed with decimals."""
         return self._retrying(self._get_once, path, params)
 
     def _hold_once(self, invoice_id: str, params: Any, options: Any) -> None:
+        self._paced()
         try:
             self._client.v1.invoices.update(invoice_id, params, options)
         except stripe.StripeError as exc:
             raise translate_error(exc, f"POST /v1/invoices/{invoice_id}") from exc
 
     def _get_once(self, path: str, params: dict[str, Any]) -> Json:
+        self._paced()
         try:
             response = self._client.raw_request("get", path, **params)
         except stripe.StripeError as exc:

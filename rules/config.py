@@ -375,7 +375,7 @@ _IDENTITIES = {"stripe": ("id",), "orb": ("external_customer_id", "id")}
 def _platform(table: Any, where: str) -> dict[str, Any]:
     """`[stripe]` / `[orb]`: customer identity and the draft hold switch."""
     table = _table(table, where)
-    _only(table, {"customer_id_from", "hold_drafts", "hold_min_amount"}, where)
+    _only(table, {"customer_id_from", "hold_drafts", "hold_min_amount", "requests_per_second"}, where)
     rules: dict[str, Any] = {}
     if "customer_id_from" in table:
         rule = _str(table["customer_id_from"], f"{where}.customer_id_from")
@@ -389,6 +389,8 @@ def _platform(table: Any, where: str) -> dict[str, Any]:
         raise ConfigError(f"{where}.hold_drafts: must be true or false (got {hold!r})")
     rules["hold_drafts"] = hold
     rules["hold_min_amount"] = _decimal(table.get("hold_min_amount", 0), f"{where}.hold_min_amount")
+    if "requests_per_second" in table:
+        rules["requests_per_second"] = _int(table["requests_per_second"], f"{where}.requests_per_second", minimum=1)
     return rules
 
 

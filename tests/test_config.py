@@ -50,6 +50,11 @@ def test_plan_dates_are_midnight_in_the_period_zone():
             "meters[0].tiers[1].up_to: tiers must rise",
         ),
         ("meters = 3", "meters: must be an array of tables"),
+        (
+            "[stripe]\nrequests_per_second = 0\n",
+            "stripe.requests_per_second: must be a whole number of at least 1 (got 0)",
+        ),
+        ('[orb]\nrequests_per_second = "fast"\n', "orb.requests_per_second: must be a whole number of at least 1"),
         ("[[meters]\n", "not valid TOML"),
     ],
 )
