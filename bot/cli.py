@@ -8,6 +8,7 @@ import signal
 import sys
 import threading
 from collections.abc import Callable
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -19,11 +20,12 @@ from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 from bot import render
 from bot.config import Settings, SettingsError
 from bot.handlers import NotConfigured
+from bot.schedule import configured_platform, enqueue_close
 from bot.service import SourcePaths, reconcile_files, reconcile_platform
 from bot.store import Store, StoreError
 from connectors.base import InputError, InvoiceBilling
-from rules.config import Config, ConfigError, parse_config
-from rules.periods import PeriodError, parse_periods
+from rules.config import Config, ConfigError, Schedule, parse_config
+from rules.periods import PeriodError, last_closed, parse_periods
 from rules.values import parse_instant
 
 USER_ERRORS = (InputError, ConfigError, PeriodError, StoreError, SettingsError, NotConfigured)
@@ -140,9 +142,6 @@ def route_and_report(router: Any, run_id: str, err: bool) -> None:
         sys.exit(1)
 
 
-PLATFORM_SOURCES = ("stripe:", "orb:")
-
-
 def billing_platform(config: Config, flag: str | None, metered: Path | None, invoiced: Path | None) -> str | None:
     """The platform whose API gives the metered and invoiced records, or None for files.
 
@@ -152,14 +151,7 @@ def billing_platform(config: Config, flag: str | None, metered: Path | None, inv
         return None if flag == "files" else flag
     if metered is not None or invoiced is not None:
         return None
-    named = {
-        value.rstrip(":")
-        for value in (config.sources.metered, config.sources.invoiced)
-        if value and value.startswith(PLATFORM_SOURCES)
-    }
-    if len(named) > 1:
-        raise ConfigError("sources: metered and invoiced must come from the same platform")
-    return named.pop() if named else None
+    return configured_platform(config)
 
 
 def platform_connector(settings: Settings, config: Config, platform: str) -> InvoiceBilling:
@@ -296,6 +288,7 @@ def serve(host: str, port: int) -> None:
 def worker(once: bool, sweep_every: int) -> None:
     """Process stored webhook events; several may run at once."""
     from bot.runtime import build_worker, sweep_due
+    from bot.schedule import close_due
 
     settings = Settings.from_env()
     context, job = build_worker(settings, load_config(settings.config_path))
@@ -306,7 +299,28 @@ def worker(once: bool, sweep_every: int) -> None:
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
     signal.signal(signal.SIGINT, lambda *_: stop.set())
-    job.run(stop, between=sweep_due(context, settings, sweep_every))
+    sweep, close = sweep_due(context, settings, sweep_every), close_due(context)
+    job.run(stop, between=lambda: (sweep(), close()))
+
+
+@main.command()
+@click.option("--period", help="YYYY-MM; default: the latest period closed by [schedule] close_after.")
+@user_errors
+def close(period: str | None) -> None:
+    """Queue a period's close: a worker reconciles every customer of it (run from cron, or by hand)."""
+    settings = Settings.from_env()
+    config = load_config(settings.config_path)
+    zone = config.period.zone
+    if period:
+        chosen = parse_periods(period, zone)
+        if len(chosen) != 1:
+            raise PeriodError(f"--period: one month at a time (got {period!r})")
+        closing = chosen[0]
+    else:
+        after = config.schedule.close_after if config.schedule else Schedule().close_after
+        closing = last_closed(datetime.now(UTC), zone, after)
+    queued = enqueue_close(Store.open(settings.database_url), closing)
+    click.echo(f"period {closing.label}: close {'queued' if queued else 'already queued or done'}")
 
 
 @main.command()

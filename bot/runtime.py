@@ -11,6 +11,7 @@ from bot.actions import Decider
 from bot.config import Settings
 from bot.handlers import PLATFORMS, SWEEP_WINDOW, Context, all_handlers, sweep
 from bot.routing import Outbox, Router, load_owners
+from bot.schedule import schedule_handlers
 from bot.slack import SlackPoster
 from bot.store import Store
 from bot.tickets import JiraQueue, LinearQueue, Queue, WebhookSink
@@ -96,7 +97,8 @@ def build_router(settings: Settings, config: Config, store: Store, dry_run: bool
 
 def build_worker(settings: Settings, config: Config) -> tuple[Context, Worker]:
     context = build_context(settings, config)
-    job = Worker(context.store, all_handlers(context), renewer=lambda: Store.open(settings.database_url))
+    handlers = all_handlers(context) | schedule_handlers(context)
+    job = Worker(context.store, handlers, renewer=lambda: Store.open(settings.database_url))
     return context, job
 
 

@@ -100,6 +100,14 @@ class PeriodRules:
 
 
 @dataclass(frozen=True)
+class Schedule:
+    """`[schedule]`: the period close the worker runs by itself, `close_after` past each
+    period's end (after the grace period, so late events have arrived)."""
+
+    close_after: timedelta = timedelta(hours=72)
+
+
+@dataclass(frozen=True)
 class Sources:
     raw: str | None = None
     metered: str | None = None
@@ -115,17 +123,19 @@ class Config:
     platforms: dict[str, dict[str, Any]] = field(default_factory=dict)
     evidence_limit: int = 100
     routing: RoutingRules = field(default_factory=RoutingRules)
+    schedule: Schedule | None = None  # no [schedule]: no period close by the worker
 
     @property
     def fingerprint(self) -> str:
         """A hash of the config's meaning (not its spelling): the calculation's version.
-        Where findings are sent (`[[routes]]`, `[routing]`, `[approvals]`) is not part of it."""
-        meaning = {k: v for k, v in asdict(self).items() if k not in ("routing",)}
+        Where findings are sent (`[[routes]]`, `[routing]`, `[approvals]`) and when the close
+        runs (`[schedule]`) are not part of it."""
+        meaning = {k: v for k, v in asdict(self).items() if k not in ("routing", "schedule")}
         canonical = json.dumps(meaning, sort_keys=True, default=str)
         return hashlib.sha256(canonical.encode()).hexdigest()
 
 
-_TOP = {"sources", "period", "meters", "routes", "stripe", "orb", "approvals", "evidence", "routing"}
+_TOP = {"sources", "period", "meters", "routes", "stripe", "orb", "approvals", "evidence", "routing", "schedule"}
 _METER_KEYS = {
     "name",
     "unit_size",
@@ -172,7 +182,22 @@ def parse_config(text: str) -> Config:
         | ({"approvals": _table(doc["approvals"], "approvals")} if "approvals" in doc else {}),
         evidence_limit=_int(evidence.get("limit", 100), "evidence.limit", minimum=0),
         routing=_routing(doc.get("routing", {}), doc.get("approvals", {})),
+        schedule=_schedule(doc["schedule"], period) if "schedule" in doc else None,
     )
+
+
+def _schedule(value: Any, period: PeriodRules) -> Schedule:
+    table = _table(value, "schedule")
+    _only(table, {"close_after"}, "schedule")
+    if "close_after" not in table:
+        return Schedule(close_after=max(Schedule().close_after, period.grace))
+    close_after = parse_duration(table["close_after"], "schedule.close_after")
+    if close_after < period.grace:
+        raise ConfigError(
+            f"schedule.close_after: must be at least period.grace ({period.grace}), so late events are in (got "
+            f"{close_after})"
+        )
+    return Schedule(close_after=close_after)
 
 
 def _only(table: dict[str, Any], allowed: set[str], where: str) -> None:

@@ -32,6 +32,12 @@ def month_of(instant: datetime, zone: ZoneInfo) -> Period:
     return month(local.year, local.month, zone)
 
 
+def last_closed(now: datetime, zone: ZoneInfo, close_after: timedelta) -> Period:
+    """The latest month whose end lies at least `close_after` before `now`."""
+    current = month_of(now - close_after, zone)
+    return month_of(current.start - timedelta(seconds=1), zone)
+
+
 def months_covering(start: datetime, end: datetime, zone: ZoneInfo) -> tuple[Period, ...]:
     """The calendar months that together cover `[start, end)`."""
     periods = [month_of(start, zone)]

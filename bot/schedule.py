@@ -1,0 +1,95 @@
+"""The period close: once a period is over (and its late events are in), one run over every
+customer of the period, those with usage and no invoice too, with nobody running a command.
+
+The close is an inbox item like a webhook event (provider `schedule`, id `close_<period>`),
+so it is claimed under a lease by exactly one worker, redone if that worker dies, and
+enqueued any number of times with no second run. `recon close` enqueues one by hand (or
+from cron); an idle worker enqueues the latest closed period by itself when `[schedule]`
+is in the config.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from collections.abc import Callable
+from datetime import datetime
+
+from bot.handlers import Context, NotConfigured
+from bot.service import RunResult, SourcePaths, reconcile_files, reconcile_platform
+from bot.signatures import InboundEvent
+from bot.store import Claimed, Store
+from bot.worker import Handler, Outcome, utc_now
+from rules.config import Config
+from rules.models import Period
+from rules.periods import last_closed, parse_periods
+
+log = logging.getLogger(__name__)
+PROVIDER, CLOSE = "schedule", "period.close"
+PLATFORM_SOURCES = ("stripe:", "orb:")
+
+
+def enqueue_close(store: Store, period: Period) -> bool:
+    """Ask for `period`'s close; False when it was asked for already."""
+    body = json.dumps({"period": period.label})
+    return store.save_event(InboundEvent(PROVIDER, f"close_{period.label}", CLOSE, None, body))
+
+
+def close_due(context: Context, every: float = 60, clock: Callable[[], datetime] = utc_now) -> Callable[[], None]:
+    """For the worker's idle loop: at most every `every` seconds, ask for the latest closed
+    period's close (a no-op once asked for). Nothing without `[schedule]`."""
+    last = [float("-inf")]
+
+    def maybe() -> None:
+        schedule = context.config.schedule
+        if schedule is None or time.monotonic() - last[0] < every:
+            return
+        last[0] = time.monotonic()
+        period = last_closed(clock(), context.config.period.zone, schedule.close_after)
+        if enqueue_close(context.store, period):
+            log.info("period %s closed; its reconciliation is queued", period.label)
+
+    return maybe
+
+
+def schedule_handlers(context: Context) -> dict[tuple[str, str], Handler]:
+    def close(claimed: Claimed) -> Outcome:
+        label = json.loads(claimed.body)["period"]
+        periods = parse_periods(label, context.config.period.zone)
+        result = reconcile_period(context, periods)
+        run_id = result.report["run_id"]
+        if context.router is not None:
+            context.router.route_run(run_id)
+        summary = result.report["summary"]
+        log.info("period %s closed: run %s, %d keys, %d matched", label, run_id, summary["keys"], summary["matched"])
+        return Outcome("done", run_id)
+
+    return {(PROVIDER, CLOSE): close}
+
+
+def reconcile_period(context: Context, periods: tuple[Period, ...]) -> RunResult:
+    """Every customer over `periods`, from the sources the config names (files, or a platform's API)."""
+    config, base = context.config, context.config_path.parent
+    platform = configured_platform(config)
+    if not config.sources.raw:
+        raise NotConfigured("sources.raw: no raw events source in the config")
+    raw = base / config.sources.raw
+    if platform is not None:
+        return reconcile_platform(config, raw, context.connector(platform), periods, context.store)
+    if not config.sources.metered or not config.sources.invoiced:
+        raise NotConfigured("sources.metered, sources.invoiced: both are needed for the period close")
+    paths = SourcePaths(raw, base / config.sources.metered, base / config.sources.invoiced)
+    return reconcile_files(config, paths, periods, context.store)
+
+
+def configured_platform(config: Config) -> str | None:
+    """`stripe` or `orb` when `[sources] metered`/`invoiced` name that platform, else None (files)."""
+    named = {
+        value.rstrip(":")
+        for value in (config.sources.metered, config.sources.invoiced)
+        if value and value.startswith(PLATFORM_SOURCES)
+    }
+    if len(named) > 1:
+        raise NotConfigured("sources: metered and invoiced must come from the same platform")
+    return named.pop() if named else None
