@@ -24,7 +24,7 @@ def build_context(settings: Settings, config: Config) -> Context:
 
 def build_worker(settings: Settings, config: Config) -> tuple[Context, Worker]:
     context = build_context(settings, config)
-    job = Worker(context.store, stripe_handlers(context), renewer=lambda: Store.open(settings.database_url))
+    job = Worker(context.store, stripe_handlers(context), renewer=context.store.sibling)
     return context, job
 
 

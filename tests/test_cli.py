@@ -40,10 +40,8 @@ def test_same_inputs_give_byte_identical_reports_and_one_stored_run(tmp_path):
     second = recon("reconcile", "--config", config, "--format", "json")
     assert first.exit_code == second.exit_code == 0
     assert first.stdout == second.stdout
-    db = Store.open(Settings.from_env().database_url).db
-    assert db["runs"].count == 1
-    assert db["run_lines"].count == 1
-    assert db["discrepancies"].count == 1
+    store = Store.open(Settings.from_env().database_url)
+    assert (store.count("runs"), store.count("run_lines"), store.count("discrepancies")) == (1, 1, 1)
 
 
 def test_csv_and_table_formats(tmp_path):
