@@ -71,7 +71,7 @@ class SqliteBackend:
                 conn.execute("PRAGMA synchronous = NORMAL")
         except (sqlite3.Error, OSError) as exc:
             raise DatabaseError(f"cannot open database {path}: {exc}") from None
-        self.db = sqlite_utils.Database(conn)
+        self.db = sqlite_utils.Database(conn, execute_plugins=False)
         self.conn = conn
         self.integrity_error: type[Exception] = sqlite3.IntegrityError
         self.error: type[Exception] = sqlite3.Error

@@ -14,6 +14,7 @@ import sys
 import time
 from collections import Counter
 from collections.abc import Callable, Iterator
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import pytest
@@ -123,3 +124,22 @@ def test_an_event_held_by_a_killed_worker_is_reclaimed_and_done_once(store, work
     assert [w for e, w in workers.lines("finished.log") if e == "evt_hang"] == ["survivor"]
     assert store.run_status(event_run_id("test", "evt_hang")) == "done"
     assert store.count("runs") == len(others) + 1
+
+
+@pytest.mark.parametrize("database_url", ["postgresql"], indirect=True)
+def test_a_claim_passes_over_an_event_another_worker_is_claiming(store):
+    """PostgreSQL: a row locked by another claim in flight is skipped, never waited for
+    (SQLite has one writer at a time, so the question does not arise there)."""
+    import psycopg
+
+    enqueue(store, ["evt_1", "evt_2"])
+    now = datetime.now(UTC) + timedelta(seconds=1)
+    impatient = Store.open(store.url.replace("options=", "options=-clock_timeout%3D5000%20"))  # no waiting forever
+    with psycopg.connect(store.url) as other:
+        other.execute("SELECT 1 FROM inbox WHERE event_id = 'evt_1' FOR UPDATE")  # a claim in flight
+
+        claimed = impatient.claim("w2", now, timedelta(seconds=30))
+
+        assert claimed is not None and claimed.event_id == "evt_2"
+    assert impatient.claim("w1", now, timedelta(seconds=30)).event_id == "evt_1"
+    assert impatient.claim("w3", now, timedelta(seconds=30)) is None
