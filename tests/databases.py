@@ -25,12 +25,13 @@ def admin_connection():  # type: ignore[no-untyped-def]
     try:
         return psycopg.connect(POSTGRES_URL, autocommit=True, connect_timeout=5)
     except psycopg.OperationalError as exc:
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        pytest.fail(
-            f"PostgreSQL is not reachable at {POSTGRES_URL} ({first}). The store tests run against it too: "
-            "start it (`pg_ctlcluster 15 main start`; .ci/run does this) or point TEST_POSTGRES_URL at one.",
-            pytrace=False,
-        )
+        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+    pytest.fail(
+        f"PostgreSQL is not reachable at {POSTGRES_URL} ({reason}). The store tests run against it too: start it "
+        "(`pg_ctlcluster --skip-systemctl-redirect $(ls /etc/postgresql) main start`, as .ci/run does) "
+        "or point TEST_POSTGRES_URL at one.",
+        pytrace=False,
+    )
 
 
 def with_schema(url: str, schema: str) -> str:
