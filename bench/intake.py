@@ -4,13 +4,20 @@ Run by hand, from the repository root:
 
     .venv/bin/python bench/intake.py                 # the full run, about 2 minutes
     .venv/bin/python bench/intake.py --quick         # a smoke run with fewer requests
+    .venv/bin/python bench/intake.py --database-url postgresql://postgres@127.0.0.1:5432/test
+
+With `--database-url postgresql://...` both servers store into PostgreSQL instead, each run
+in a schema of its own in that database (dropped afterwards unless `--keep`): the product
+through its psycopg pool, the floor with one plain psycopg connection per gunicorn worker
+in autocommit (one INSERT, one round trip, per request).
 
 One run starts two servers under gunicorn with the Procfile's settings (2 sync
 workers, bound to 127.0.0.1 on a free port), each with a fresh temporary SQLite file:
 
 - product: `bot.app:create_app()` exactly as the Procfile's `web` entry, after `recon migrate`;
 - floor:   `create_floor_app()` below, a bare Flask app that only checks the HMAC
-  (hmac.compare_digest) and inserts the body into SQLite (WAL, synchronous=NORMAL).
+  (hmac.compare_digest) and inserts the body into SQLite (WAL, synchronous=NORMAL), or
+  into PostgreSQL with a bare psycopg connection.
 
 This process is the load generator (a second process, on 127.0.0.1). Each request is the
 fixture `event_invoice_created.json` with a distinct event id, padded in
@@ -83,9 +90,16 @@ def create_floor_app():  # type: ignore[no-untyped-def]
     from flask import Flask, request
 
     secret = os.environ["FLOOR_SECRET"].encode()
-    db = sqlite3.connect(os.environ["FLOOR_DB"], timeout=30, check_same_thread=False)
-    db.execute("PRAGMA journal_mode = WAL")
-    db.execute("PRAGMA synchronous = NORMAL")
+    if os.environ["FLOOR_DB"].startswith("postgresql://"):
+        import psycopg
+
+        db = psycopg.connect(os.environ["FLOOR_DB"], autocommit=True)
+        insert = "INSERT INTO floor_inbox (body) VALUES (%s)"
+    else:
+        db = sqlite3.connect(os.environ["FLOOR_DB"], timeout=30, check_same_thread=False)
+        db.execute("PRAGMA journal_mode = WAL")
+        db.execute("PRAGMA synchronous = NORMAL")
+        insert = "INSERT INTO floor_inbox (body) VALUES (?)"
     app = Flask("floor")
 
     @app.get("/readyz")
@@ -97,7 +111,7 @@ def create_floor_app():  # type: ignore[no-untyped-def]
         body = request.get_data(cache=False)
         if not floor_signature_ok(body, request.headers.get("Stripe-Signature", ""), secret):
             return "invalid signature", 400
-        db.execute("INSERT INTO inbox (body) VALUES (?)", (body.decode(),))
+        db.execute(insert, (body.decode(),))
         db.commit()
         return "ok"
 
@@ -116,9 +130,22 @@ def floor_signature_ok(body: bytes, header: str, secret: bytes) -> bool:
 def create_floor_db(path: Path) -> None:
     db = sqlite3.connect(path)
     db.execute("PRAGMA journal_mode = WAL")
-    db.execute("CREATE TABLE inbox (id INTEGER PRIMARY KEY, body TEXT NOT NULL)")
+    db.execute("CREATE TABLE floor_inbox (id INTEGER PRIMARY KEY, body TEXT NOT NULL)")
     db.commit()
     db.close()
+
+
+# -- PostgreSQL: a schema of its own for one run -----------------------------------------------
+
+
+def pg_schema_url(url: str, schema: str) -> str:
+    return f"{url}{'&' if '?' in url else '?'}options=-csearch_path%3D{schema}"
+
+
+def pg_connect(url: str):  # type: ignore[no-untyped-def]
+    import psycopg
+
+    return psycopg.connect(url, autocommit=True)
 
 
 # -- events: built before a phase, signed at send time ----------------------------------------
@@ -318,9 +345,10 @@ class Target:
 
     name: str
     app: str
-    db: Path
+    db: Path  # the SQLite file; with PostgreSQL, only names the log file
     env: dict[str, str]
-    ids_sql: str  # (event_id, count) for each stored id matching a GLOB prefix
+    ids_sql: str  # (event_id, count) for each stored id matching a GLOB (SQLite) or LIKE (PostgreSQL) prefix
+    pg_url: str | None = None  # set when the server stores into PostgreSQL
     pythonpath: str | None = None
     port: int = 0
     process: subprocess.Popen | None = None
@@ -346,11 +374,15 @@ class Target:
     def check(self, ids: list[str]) -> tuple[int, int, int]:
         """(rows stored for these ids, ids missing, ids stored more than once)."""
         prefix = ids[0].rsplit("_", 1)[0] + "_"
-        db = sqlite3.connect(f"file:{self.db}?mode=ro", uri=True, timeout=30)
-        try:
-            counts = dict(db.execute(self.ids_sql, [prefix + "*"]).fetchall())
-        finally:
-            db.close()
+        if self.pg_url:
+            with pg_connect(self.pg_url) as db:
+                counts = dict(db.execute(self.ids_sql, [prefix.replace("_", "\\_") + "%"]).fetchall())
+        else:
+            db = sqlite3.connect(f"file:{self.db}?mode=ro", uri=True, timeout=30)
+            try:
+                counts = dict(db.execute(self.ids_sql, [prefix + "*"]).fetchall())
+            finally:
+                db.close()
         missing = sum(1 for i in ids if i not in counts)
         duplicated = sum(1 for c in counts.values() if c > 1)
         return sum(counts.values()), missing, duplicated
@@ -376,24 +408,37 @@ def wait_ready(port: int, process: subprocess.Popen, log: Path, timeout: float =
     raise SystemExit(f"no /readyz on port {port} within {timeout} s; see {log}")
 
 
-def product(workdir: Path, app: str, pythonpath: str | None) -> Target:
+def product(workdir: Path, app: str, pythonpath: str | None, pg_url: str | None = None) -> Target:
     db = workdir / "product.db"
-    env = {"RECON_DATABASE_URL": f"sqlite:///{db}", "STRIPE_WEBHOOK_SECRET": SECRET}
+    url = pg_url or f"sqlite:///{db}"
+    env = {"RECON_DATABASE_URL": url, "STRIPE_WEBHOOK_SECRET": SECRET}
     recon = Path(sys.executable).parent / "recon"
     subprocess.run([str(recon), "migrate"], cwd=ROOT, env={**os.environ, **env}, check=True, capture_output=True)
-    sql = "SELECT event_id, count(*) FROM inbox WHERE provider = 'stripe' AND event_id GLOB ? GROUP BY event_id"
-    return Target("product", app, db, env, sql, pythonpath=pythonpath)
+    match = "LIKE" if pg_url else "GLOB"
+    sql = f"SELECT event_id, count(*) FROM inbox WHERE provider = 'stripe' AND event_id {match} ? GROUP BY event_id"
+    if pg_url:
+        sql = sql.replace("?", "%s")
+    return Target("product", app, db, env, sql, pg_url, pythonpath=pythonpath)
 
 
-def floor(workdir: Path) -> Target:
+def floor(workdir: Path, pg_url: str | None = None) -> Target:
     db = workdir / "floor.db"
+    here = str(Path(__file__).resolve().parent)
+    if pg_url:
+        with pg_connect(pg_url) as conn:
+            conn.execute("CREATE TABLE floor_inbox (id BIGSERIAL PRIMARY KEY, body TEXT NOT NULL)")
+        env = {"FLOOR_DB": pg_url, "FLOOR_SECRET": SECRET}
+        sql = (
+            "SELECT body::json->>'id' AS event_id, count(*) FROM floor_inbox WHERE body::json->>'id' LIKE %s GROUP BY 1"
+        )
+        return Target("floor", FLOOR_APP, db, env, sql, pg_url, pythonpath=here)
     create_floor_db(db)
     env = {"FLOOR_DB": str(db), "FLOOR_SECRET": SECRET}
     sql = (
-        "SELECT json_extract(body, '$.id') AS event_id, count(*) FROM inbox"
+        "SELECT json_extract(body, '$.id') AS event_id, count(*) FROM floor_inbox"
         " WHERE json_extract(body, '$.id') GLOB ? GROUP BY 1"
     )
-    return Target("floor", FLOOR_APP, db, env, sql, pythonpath=str(Path(__file__).resolve().parent))
+    return Target("floor", FLOOR_APP, db, env, sql, pythonpath=here)
 
 
 # -- the run ----------------------------------------------------------------------------------
@@ -402,7 +447,13 @@ def floor(workdir: Path) -> Target:
 def run(args: argparse.Namespace) -> list[Phase]:
     template = event_template(args.body_bytes)
     workdir = Path(tempfile.mkdtemp(prefix="bench-intake-"))
-    targets = [product(workdir, args.app, args.pythonpath), floor(workdir)]
+    schema = pg_url = None
+    if args.database_url:
+        schema = f"bench_intake_{os.getpid()}"
+        with pg_connect(args.database_url) as conn:
+            conn.execute(f"CREATE SCHEMA {schema}")
+        pg_url = pg_schema_url(args.database_url, schema)
+    targets = [product(workdir, args.app, args.pythonpath, pg_url), floor(workdir, pg_url)]
     phases: list[Phase] = []
     try:
         for target in targets:
@@ -420,6 +471,9 @@ def run(args: argparse.Namespace) -> list[Phase]:
             target.stop()
         if not args.keep:
             shutil.rmtree(workdir, ignore_errors=True)
+            if schema:
+                with pg_connect(args.database_url) as conn:
+                    conn.execute(f"DROP SCHEMA {schema} CASCADE")
     return phases
 
 
@@ -518,13 +572,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--app", default=PRODUCT_APP, help="gunicorn app spec for the product (experiments)")
     parser.add_argument("--pythonpath", help="extra gunicorn --pythonpath for --app (experiments)")
     parser.add_argument("--keep", action="store_true", help="keep the temporary databases and logs")
+    parser.add_argument("--database-url", help="PostgreSQL database to store into (a schema per run), not SQLite")
     parser.add_argument("--quick", action="store_true", help="600 open-loop and 1000 closed-loop requests")
     args = parser.parse_args(argv)
     if args.quick:
         args.open_count, args.closed_count = 600, 1000
     phases = run(args)
     checks, ok = verdict(phases, args.rate)
-    print(f"## Webhook intake benchmark\n\n{machine()}\n\n{table(phases, args.body_bytes)}\n\n{checks}")
+    where = "PostgreSQL" if args.database_url else "SQLite"
+    print(f"## Webhook intake benchmark ({where})\n\n{machine()}\n\n{table(phases, args.body_bytes)}\n\n{checks}")
     return 0 if ok else 1
 
 

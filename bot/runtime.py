@@ -98,7 +98,7 @@ def build_router(settings: Settings, config: Config, store: Store, dry_run: bool
 def build_worker(settings: Settings, config: Config) -> tuple[Context, Worker]:
     context = build_context(settings, config)
     handlers = all_handlers(context) | schedule_handlers(context)
-    job = Worker(context.store, handlers, renewer=lambda: Store.open(settings.database_url))
+    job = Worker(context.store, handlers, renewer=context.store.sibling)
     return context, job
 
 

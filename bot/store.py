@@ -1,24 +1,42 @@
-"""The only module that touches the database: runs, their lines, discrepancies, timing items.
+"""The only module that decides what is stored: runs, their lines, discrepancies, timing items, the inbox.
 
-SQLite through sqlite-utils is the embedded default. A run is written in one
-transaction (no half-written run) and never changed afterwards; its id comes
-from its inputs, so saving the same run again writes nothing.
+Every query is written here once, in SQL that SQLite and PostgreSQL both run; the
+backends in `bot/database.py` run it (placeholders, connections, transactions, the
+inbox claim and the other few differences; its docstring says how to add a query).
+SQLite through sqlite-utils is the embedded default; `RECON_DATABASE_URL=postgresql://...`
+keeps everything in PostgreSQL, through a psycopg connection pool, for several web and
+worker processes on several machines.
+
+A run is written in one transaction (no half-written run) and never changed afterwards;
+its id comes from its inputs, so saving the same run again writes nothing. The schema is
+versioned: `MIGRATIONS` is the ordered list of steps, each run once, in order, in one
+transaction with the version it reaches, when any process opens the store.
 """
 
 from __future__ import annotations
 
 import json
-import sqlite3
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
-from pathlib import Path
 from typing import Any
 
-import sqlite_utils
+from bot.database import Backend, DatabaseError, open_backend
 
-SCHEMA_VERSION = 3
 INBOX_STATES = ("pending", "processing", "done", "ignored", "dead")
+TABLES = (
+    "runs",
+    "run_lines",
+    "discrepancies",
+    "watchlist",
+    "watch_checks",
+    "inbox",
+    "route_messages",
+    "route_tickets",
+    "route_decisions",
+    "route_writebacks",
+    "schema_version",
+)
 
 
 class StoreError(RuntimeError):
@@ -39,15 +57,6 @@ class RunRecord:
     customers: list[str]
     invoice_id: str | None = None
     customer_id: str | None = None
-
-
-def sqlite_path(url: str) -> str:
-    """`sqlite:///recon.db` → `recon.db`; `sqlite:////abs/x.db` → `/abs/x.db`."""
-    if not url.startswith("sqlite:///"):
-        raise StoreError(
-            f"RECON_DATABASE_URL: expected sqlite:///path or postgresql://... (got {url.split(':')[0]}:...)"
-        )
-    return url[len("sqlite:///") :] or ":memory:"
 
 
 def now() -> str:
@@ -71,44 +80,62 @@ class Claimed:
     attempts: int
 
 
+RUN_COLUMNS = (
+    "run_id, status, created_at, period_start, period_end, period_label, config_hash, calculation_version, "
+    "inputs, customers, invoice_id, customer_id, summary"
+)
+
+
 class Store:
-    def __init__(self, db: sqlite_utils.Database, url: str = "sqlite:///:memory:") -> None:
-        self.db = db
+    def __init__(self, backend: Backend, url: str = "sqlite:///:memory:") -> None:
+        self.backend = backend
         self.url = url
 
     @classmethod
     def open(cls, url: str) -> Store:
-        path = sqlite_path(url)
+        """Open (and migrate) the database at `url`: `sqlite:///path` or `postgresql://...`."""
         try:
-            if path == ":memory:":
-                db = sqlite_utils.Database(memory=True)
-            else:
-                Path(path).parent.mkdir(parents=True, exist_ok=True)
-                db = sqlite_utils.Database(sqlite3.connect(path, timeout=30, check_same_thread=False))
-                db.execute("PRAGMA journal_mode = WAL")
-                db.execute("PRAGMA synchronous = NORMAL")
-        except sqlite3.Error as exc:
-            raise StoreError(f"cannot open database {path}: {exc}") from None
-        store = cls(db, url)
+            store = cls(open_backend(url), url)
+        except DatabaseError as exc:
+            raise StoreError(str(exc)) from None
         store.migrate()
         return store
+
+    def close(self) -> None:
+        self.backend.close()
+
+    def sibling(self) -> Store:
+        """A store another thread may use at the same time (SQLite: a second connection)."""
+        backend = self.backend.sibling()
+        return self if backend is self.backend else Store(backend, self.url)
+
+    @property
+    def dialect(self) -> str:
+        return self.backend.dialect
 
     # -- schema -----------------------------------------------------------------
 
     def migrate(self) -> int:
-        """Bring the schema forward to `SCHEMA_VERSION`; returns the version found."""
-        meta = self.db["schema_version"]
-        found = 0
-        if meta.exists():
-            found = self.db.execute("SELECT max(version) FROM schema_version").fetchone()[0] or 0
-        for version in range(found + 1, SCHEMA_VERSION + 1):
-            with self.db.atomic():
-                MIGRATIONS[version](self.db)
-                self.db["schema_version"].insert({"version": version, "applied_at": now()})
+        """Bring the schema forward to `SCHEMA_VERSION`; returns the version found.
+
+        Processes that start together take turns (a lock held for the whole migration);
+        the one that comes second finds the schema current and changes nothing."""
+        with self.backend.migration_lock():
+            found = self.schema_version() if self.backend.has_table("schema_version") else 0
+            for version, step in enumerate(MIGRATIONS[found:], start=found + 1):
+                step(self.backend)
+                self.backend.execute("INSERT INTO schema_version (version, applied_at) VALUES (?, ?)", [version, now()])
         return found
 
     def schema_version(self) -> int:
-        return self.db.execute("SELECT max(version) FROM schema_version").fetchone()[0]
+        row = self.backend.one("SELECT max(version) FROM schema_version")
+        return int(row[0] or 0) if row else 0
+
+    def count(self, table: str) -> int:
+        """Rows in one of the store's tables (for checks and the CLI)."""
+        if table not in TABLES:
+            raise StoreError(f"no table {table!r} in the store")
+        return int(self.backend.one(f"SELECT count(*) FROM {table}")[0])  # type: ignore[index]
 
     # -- runs -------------------------------------------------------------------
 
@@ -120,84 +147,78 @@ class Store:
         if self.run_status(record.run_id) == "done":
             return False
         try:
-            self._insert_run(record, summary, lines)
-        except sqlite3.IntegrityError:
+            return self._insert_run(record, summary, lines)
+        except self.backend.integrity_error:
             if self.run_status(record.run_id) == "done":
                 return False  # another process finished the same run first
             raise
-        return True
 
     def start_run(self, record: RunRecord) -> str:
         """Record that a run is under way (status `running`); returns the run's status."""
-        with self.db.atomic():
-            self.db.conn.execute(
-                """INSERT INTO runs (run_id, status, created_at, period_start, period_end, period_label,
-                       config_hash, calculation_version, inputs, customers, invoice_id, customer_id)
-                   VALUES (?, 'running', ?, ?, ?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT DO NOTHING""",
-                [
-                    record.run_id,
-                    now(),
-                    record.period_start,
-                    record.period_end,
-                    record.period_label,
-                    record.config_hash,
-                    record.calculation_version,
-                    json.dumps(record.inputs, sort_keys=True),
-                    json.dumps(record.customers),
-                    record.invoice_id,
-                    record.customer_id,
-                ],
-            )
+        self.backend.execute(
+            f"INSERT INTO runs ({RUN_COLUMNS}) VALUES (?, 'running', ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, NULL) "
+            "ON CONFLICT (run_id) DO NOTHING",
+            [record.run_id, now(), *_run_values(record)],
+        )
         return self.run_status(record.run_id) or "running"
 
     def run_status(self, run_id: str) -> str | None:
-        row = self.db.execute("SELECT status FROM runs WHERE run_id = ?", [run_id]).fetchone()
+        row = self.backend.one("SELECT status FROM runs WHERE run_id = ?", [run_id])
         return row[0] if row else None
 
-    def _insert_run(self, record: RunRecord, summary: dict[str, Any], lines: list[dict[str, Any]]) -> None:
-        with self.db.atomic():
-            started = self.run_status(record.run_id) is not None
-            row = {
-                **record.__dict__,
-                "inputs": json.dumps(record.inputs, sort_keys=True),
-                "customers": json.dumps(record.customers),
-                "status": "done",
-                "summary": json.dumps(summary, sort_keys=True),
-            }
-            if started:
-                self.db["runs"].update(record.run_id, row)
-                self.db.conn.execute("DELETE FROM run_lines WHERE run_id = ?", [record.run_id])
+    def _insert_run(self, record: RunRecord, summary: dict[str, Any], lines: list[dict[str, Any]]) -> bool:
+        summary_text = json.dumps(summary, sort_keys=True)
+        with self.backend.transaction():
+            if self.run_status(record.run_id) is not None:
+                # Only a run not yet done is completed; a process that finished it meanwhile wins
+                # (on PostgreSQL this UPDATE waits for its commit, then finds it done).
+                changed = self.backend.execute(
+                    """UPDATE runs SET status = 'done', period_start = ?, period_end = ?, period_label = ?,
+                           config_hash = ?, calculation_version = ?, inputs = ?, customers = ?, invoice_id = ?,
+                           customer_id = ?, summary = ?
+                       WHERE run_id = ? AND status <> 'done'""",
+                    [*_run_values(record), summary_text, record.run_id],
+                )
+                if not changed:
+                    return False
+                self.backend.execute("DELETE FROM run_lines WHERE run_id = ?", [record.run_id])
             else:
-                self.db["runs"].insert({**row, "created_at": now()})
-            self.db["run_lines"].insert_all(
-                (_line_row(record.run_id, position, line) for position, line in enumerate(lines)),
-                batch_size=5000,
+                self.backend.execute(
+                    f"INSERT INTO runs ({RUN_COLUMNS}) VALUES (?, 'done', ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                    [record.run_id, now(), *_run_values(record), summary_text],
+                )
+            self.backend.executemany(
+                """INSERT INTO run_lines (run_id, position, customer_id, meter, period, class, line)
+                   VALUES (?, ?, ?, ?, ?, ?, ?)""",
+                [_line_row(record.run_id, position, line) for position, line in enumerate(lines)],
             )
             self._record_discrepancies(record.run_id, lines)
             self._watch(record.run_id, lines)
+        return True
 
     def _record_discrepancies(self, run_id: str, lines: list[dict[str, Any]]) -> None:
         rows = [
-            {
-                "customer_id": ln["customer_id"],
-                "meter": ln["meter"],
-                "period": ln["period"],
-                "class": ln["class"],
-                "first_run_id": run_id,
-                "last_run_id": run_id,
-                "delta_amount": ln["delta_amount"],
-                "currency": ln["currency"],
-                "break_at": ln["break_at"],
-                "cause": ln["cause"],
-            }
+            (
+                ln["customer_id"],
+                ln["meter"],
+                ln["period"],
+                ln["class"],
+                run_id,
+                run_id,
+                ln["delta_amount"],
+                ln["currency"],
+                ln["break_at"],
+                ln["cause"],
+            )
             for ln in lines
             if ln["class"] != "match"
         ]
-        self.db.conn.executemany(
+        if not rows:
+            return
+        self.backend.executemany(
             """INSERT INTO discrepancies (customer_id, meter, period, class, first_run_id, last_run_id,
                    delta_amount, currency, break_at, cause)
-               VALUES (:customer_id, :meter, :period, :class, :first_run_id, :last_run_id,
-                   :delta_amount, :currency, :break_at, :cause)
+               VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)
                ON CONFLICT (customer_id, meter, period, class) DO UPDATE SET
                    last_run_id = excluded.last_run_id, delta_amount = excluded.delta_amount,
                    break_at = excluded.break_at, cause = excluded.cause""",
@@ -206,19 +227,19 @@ class Store:
 
     def get_run(self, run_id: str) -> dict[str, Any] | None:
         """The run's report in the contract's shape, or None."""
-        rows = list(self.db.query("SELECT * FROM runs WHERE run_id = ?", [run_id]))
+        rows = self.backend.query("SELECT * FROM runs WHERE run_id = ?", [run_id])
         if not rows:
             return None
         run = rows[0]
         lines = [
             json.loads(r["line"])
-            for r in self.db.query("SELECT line FROM run_lines WHERE run_id = ? ORDER BY position", [run_id])
+            for r in self.backend.query("SELECT line FROM run_lines WHERE run_id = ? ORDER BY position", [run_id])
         ]
         return {
             "run_id": run_id,
             "status": run["status"],
             "period": {"start": run["period_start"], "end": run["period_end"], "label": run["period_label"]},
-            "summary": json.loads(run["summary"]),
+            "summary": json.loads(run["summary"]) if run["summary"] else None,
             "lines": lines,
         }
 
@@ -238,40 +259,40 @@ class Store:
         where = f"WHERE {' AND '.join(clauses)}" if clauses else ""
         sql = f"""SELECT run_id, invoice_id, customer_id, period_label AS period, status, created_at,
                          config_hash, calculation_version
-                  FROM runs {where} ORDER BY created_at DESC, rowid DESC LIMIT ?"""
-        return list(self.db.query(sql, [*params, limit]))
+                  FROM runs {where} ORDER BY created_at DESC, run_id DESC LIMIT ?"""
+        return self.backend.query(sql, [*params, limit])
 
     def discrepancies(self) -> Iterator[dict[str, Any]]:
-        yield from self.db.query("SELECT * FROM discrepancies ORDER BY customer_id, meter, period, class")
+        yield from self.backend.query("SELECT * FROM discrepancies ORDER BY customer_id, meter, period, class")
 
     # -- webhook inbox ------------------------------------------------------------
 
     def save_event(self, event: Any) -> bool:
-        """Store a verified event; False (and nothing changed) if its id is already stored."""
+        """Store a verified event (one statement, committed); False (and nothing changed) if its id is stored."""
         received = now()
-        cursor = self.db.conn.execute(
-            """INSERT INTO inbox (provider, event_id, type, account, subject, body, received_at, available_at)
-               VALUES (?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT DO NOTHING""",
-            [event.provider, event.event_id, event.type, event.account, event.subject, event.body, received, received],
+        return (
+            self.backend.execute(
+                """INSERT INTO inbox (provider, event_id, type, account, subject, body, received_at, available_at)
+                   VALUES (?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT (provider, event_id) DO NOTHING""",
+                [
+                    event.provider,
+                    event.event_id,
+                    event.type,
+                    event.account,
+                    event.subject,
+                    event.body,
+                    received,
+                    received,
+                ],
+            )
+            == 1
         )
-        self.db.conn.commit()
-        return cursor.rowcount == 1
 
     def claim(self, worker: str, at: datetime, lease: timedelta) -> Claimed | None:
-        """Take the oldest ready event (or one whose lease ran out) under a lease."""
-        cursor = self.db.conn.execute(
-            """UPDATE inbox SET status = 'processing', attempts = attempts + 1, worker = :worker,
-                      lease_until = :lease_until
-               WHERE rowid = (
-                   SELECT rowid FROM inbox
-                   WHERE (status = 'pending' AND available_at <= :now)
-                      OR (status = 'processing' AND lease_until < :now)
-                   ORDER BY received_at LIMIT 1)
-               RETURNING provider, event_id, type, account, body, attempts""",
-            {"worker": worker, "now": stamp(at), "lease_until": stamp(at + lease)},
-        )
-        row = cursor.fetchone()
-        self.db.conn.commit()
+        """Take the oldest ready event (or one whose lease ran out) under a lease.
+
+        Several workers may claim at once: each event goes to one of them."""
+        row = self.backend.claim(worker, stamp(at), stamp(at + lease))
         return Claimed(*row) if row else None
 
     def renew(self, claimed: Claimed, worker: str, until: datetime) -> bool:
@@ -295,13 +316,12 @@ class Store:
         )
 
     def _update_claimed(self, claimed: Claimed, worker: str, assignments: str, values: list[Any]) -> bool:
-        cursor = self.db.conn.execute(
+        changed = self.backend.execute(
             f"""UPDATE inbox SET {assignments}
                 WHERE provider = ? AND event_id = ? AND worker = ? AND status = 'processing'""",
             [*values, claimed.provider, claimed.event_id, worker],
         )
-        self.db.conn.commit()
-        return cursor.rowcount == 1
+        return changed == 1
 
     def replay(self, event_ids: list[str], since: datetime | None = None) -> int:
         """Put events back in the queue (by id, or every one received since a time); returns how many."""
@@ -312,32 +332,28 @@ class Store:
             where, params = "received_at >= ?", [stamp(since)]
         else:
             where, params = "status = 'dead'", []
-        cursor = self.db.conn.execute(
+        return self.backend.execute(
             f"""UPDATE inbox SET status = 'pending', attempts = 0, available_at = ?, lease_until = NULL,
                        worker = NULL WHERE status <> 'processing' AND {where}""",
             [now(), *params],
         )
-        self.db.conn.commit()
-        return cursor.rowcount
 
     def covers(self, provider: str, invoice_id: str) -> bool:
         """Whether a stored event or run is about this invoice already."""
-        row = self.db.execute(
+        row = self.backend.one(
             """SELECT 1 FROM inbox WHERE provider = ? AND subject = ?
                UNION ALL SELECT 1 FROM runs WHERE invoice_id = ? LIMIT 1""",
             [provider, invoice_id, invoice_id],
-        ).fetchone()
+        )
         return row is not None
 
     def events(self, status: str | None = None) -> list[dict[str, Any]]:
         """Inbox rows without their bodies, oldest first."""
         where, params = ("WHERE status = ?", [status]) if status else ("", [])
-        return list(
-            self.db.query(
-                f"""SELECT provider, event_id, type, status, attempts, received_at, last_error, run_id
-                    FROM inbox {where} ORDER BY received_at""",
-                params,
-            )
+        return self.backend.query(
+            f"""SELECT provider, event_id, type, status, attempts, received_at, last_error, run_id, worker
+                FROM inbox {where} ORDER BY received_at, event_id""",
+            params,
         )
 
     # -- timing watch-list --------------------------------------------------------
@@ -346,13 +362,13 @@ class Store:
         """Open a timing item for each timing line; mark cleared the items a catch-up cleared."""
         for line in lines:
             if line["class"] == "timing":
-                self.db.execute(
+                self.backend.execute(
                     """INSERT INTO watchlist (customer_id, meter, period, status, opened_by, late_units)
-                       VALUES (?, ?, ?, 'open', ?, ?) ON CONFLICT DO NOTHING""",
+                       VALUES (?, ?, ?, 'open', ?, ?) ON CONFLICT (customer_id, meter, period) DO NOTHING""",
                     [line["customer_id"], line["meter"], line["period"], run_id, line["late_units"]],
                 )
             for ref in line["evidence"]["clears"]:
-                self.db.execute(
+                self.backend.execute(
                     """UPDATE watchlist SET status = 'cleared', cleared_by = ?
                        WHERE customer_id = ? AND meter = ? AND period = ? AND status = 'open'""",
                     [
@@ -366,7 +382,7 @@ class Store:
     def watchlist(self, include_closed: bool = False) -> list[dict[str, Any]]:
         where = "" if include_closed else "WHERE status = 'open'"
         items = []
-        for row in self.db.query(f"SELECT * FROM watchlist {where} ORDER BY customer_id, meter, period"):
+        for row in self.backend.query(f"SELECT * FROM watchlist {where} ORDER BY customer_id, meter, period"):
             items.append(
                 {
                     "customer_id": row["customer_id"],
@@ -383,18 +399,18 @@ class Store:
         return items
 
     def defer_checkpoints(self, backstop_pages: int = 10_000) -> None:
-        """Leave WAL checkpoints to `checkpoint()` (the worker's idle loop), off the request path;
-        SQLite still checkpoints by itself past `backstop_pages`."""
-        self.db.execute(f"PRAGMA wal_autocheckpoint = {int(backstop_pages)}")
+        """SQLite: leave WAL checkpoints to `checkpoint()` (the worker's idle loop), off the request path;
+        SQLite still checkpoints by itself past `backstop_pages`. PostgreSQL: nothing to do."""
+        self.backend.defer_checkpoints(backstop_pages)
 
     def checkpoint(self) -> None:
-        """Move the WAL into the database without blocking readers or writers."""
-        self.db.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchall()
+        """SQLite: move the WAL into the database without blocking readers or writers."""
+        self.backend.checkpoint()
 
     def ping(self) -> bool:
         try:
-            self.db.execute("SELECT 1").fetchone()
-        except sqlite3.Error:
+            self.backend.one("SELECT 1")
+        except self.backend.error:
             return False
         return True
 
@@ -407,83 +423,84 @@ class Store:
 
         A cycle is one later period: re-running the same period counts once."""
         escalated = []
-        for line in lines:
-            customer, meter, seen = line["customer_id"], line["meter"], line["period"]
-            items = self.db.execute(
-                "SELECT period FROM watchlist WHERE customer_id = ? AND meter = ? AND status = 'open' AND period < ?",
-                [customer, meter, seen],
-            ).fetchall()
-            for (period,) in items:
-                self.db.execute(
-                    """INSERT INTO watch_checks (customer_id, meter, period, checked_period, run_id, checked_at)
-                       VALUES (?, ?, ?, ?, ?, ?)
-                       ON CONFLICT (customer_id, meter, period, checked_period) DO NOTHING""",
-                    [customer, meter, period, seen, run_id, now()],
+        with self.backend.transaction():
+            for line in lines:
+                customer, meter, seen = line["customer_id"], line["meter"], line["period"]
+                items = self.backend.query(
+                    """SELECT period FROM watchlist
+                       WHERE customer_id = ? AND meter = ? AND status = 'open' AND period < ?""",
+                    [customer, meter, seen],
                 )
-                cycles = self.db.execute(
-                    "SELECT count(*) FROM watch_checks WHERE customer_id = ? AND meter = ? AND period = ?",
-                    [customer, meter, period],
-                ).fetchone()[0]
-                escalate = cycles >= escalate_after
-                cursor = self.db.execute(
-                    """UPDATE watchlist SET cycles = ?, status = ?, escalated_by = ?
-                       WHERE customer_id = ? AND meter = ? AND period = ? AND status = 'open'""",
-                    [
-                        cycles,
-                        "escalated" if escalate else "open",
-                        run_id if escalate else None,
-                        customer,
-                        meter,
-                        period,
-                    ],
-                )
-                if escalate and cursor.rowcount == 1:
-                    escalated.append({"customer_id": customer, "meter": meter, "period": period, "cycles": cycles})
-        self.db.conn.commit()
+                for period in (item["period"] for item in items):
+                    self.backend.execute(
+                        """INSERT INTO watch_checks (customer_id, meter, period, checked_period, run_id, checked_at)
+                           VALUES (?, ?, ?, ?, ?, ?)
+                           ON CONFLICT (customer_id, meter, period, checked_period) DO NOTHING""",
+                        [customer, meter, period, seen, run_id, now()],
+                    )
+                    counted = self.backend.one(
+                        "SELECT count(*) FROM watch_checks WHERE customer_id = ? AND meter = ? AND period = ?",
+                        [customer, meter, period],
+                    )
+                    cycles = int(counted[0]) if counted else 0
+                    escalate = cycles >= escalate_after
+                    changed = self.backend.execute(
+                        """UPDATE watchlist SET cycles = ?, status = ?, escalated_by = ?
+                           WHERE customer_id = ? AND meter = ? AND period = ? AND status = 'open'""",
+                        [
+                            cycles,
+                            "escalated" if escalate else "open",
+                            run_id if escalate else None,
+                            customer,
+                            meter,
+                            period,
+                        ],
+                    )
+                    if escalate and changed == 1:
+                        escalated.append({"customer_id": customer, "meter": meter, "period": period, "cycles": cycles})
         return escalated
 
     def escalated_in(self, run_id: str) -> list[dict[str, Any]]:
         """The watch-list items a run escalated."""
-        rows = self.db.execute(
+        return self.backend.query(
             """SELECT customer_id, meter, period, cycles FROM watchlist WHERE escalated_by = ?
                ORDER BY customer_id, meter, period""",
             [run_id],
-        ).fetchall()
-        return [{"customer_id": c, "meter": m, "period": p, "cycles": n} for c, m, p, n in rows]
+        )
 
     def opening_line(self, customer_id: str, meter: str, period: str) -> dict[str, Any] | None:
         """The timing line that opened a watch-list item, as its run reported it."""
-        row = self.db.execute(
+        row = self.backend.one(
             """SELECT l.line FROM watchlist w JOIN run_lines l
                    ON l.run_id = w.opened_by AND l.customer_id = w.customer_id AND l.meter = w.meter
                       AND l.period = w.period
                WHERE w.customer_id = ? AND w.meter = ? AND w.period = ?""",
             [customer_id, meter, period],
-        ).fetchone()
+        )
         return json.loads(row[0]) if row else None
 
     def latest_line(self, customer_id: str, meter: str, period: str) -> tuple[str, dict[str, Any]] | None:
         """The newest finished run's line for a key, with that run's id."""
-        row = self.db.execute(
+        row = self.backend.one(
             """SELECT l.run_id, l.line FROM run_lines l JOIN runs r ON r.run_id = l.run_id
                WHERE l.customer_id = ? AND l.meter = ? AND l.period = ? AND r.status = 'done'
-               ORDER BY r.created_at DESC LIMIT 1""",
+               ORDER BY r.created_at DESC, r.run_id DESC LIMIT 1""",
             [customer_id, meter, period],
-        ).fetchone()
+        )
         return (row[0], json.loads(row[1])) if row else None
 
     def period_lines(self, period: str) -> list[dict[str, Any]]:
         """The newest finished run's line for every key of a period (every customer and meter)."""
-        rows = self.db.execute(
+        rows = self.backend.query(
             """SELECT l.customer_id, l.meter, l.line FROM run_lines l JOIN runs r ON r.run_id = l.run_id
                WHERE l.period = ? AND r.status = 'done' ORDER BY r.created_at, l.run_id""",
             [period],
-        ).fetchall()
-        latest = {(customer, meter): line for customer, meter, line in rows}
+        )
+        latest = {(row["customer_id"], row["meter"]): row["line"] for row in rows}
         return [json.loads(latest[k]) for k in sorted(latest)]
 
     def run_invoice(self, run_id: str) -> str | None:
-        row = self.db.execute("SELECT invoice_id FROM runs WHERE run_id = ?", [run_id]).fetchone()
+        row = self.backend.one("SELECT invoice_id FROM runs WHERE run_id = ?", [run_id])
         return row[0] if row else None
 
 
@@ -495,21 +512,17 @@ class RoutingLog:
     """
 
     def __init__(self, store: Store) -> None:
-        self.db = store.db
+        self.backend = store.backend
 
     def _all(self, sql: str, params: list[Any]) -> list[dict[str, Any]]:
-        cursor = self.db.execute(sql, params)
-        columns = [c[0] for c in cursor.description]
-        return [dict(zip(columns, row, strict=True)) for row in cursor.fetchall()]
+        return self.backend.query(sql, params)
 
     def _one(self, sql: str, params: list[Any]) -> dict[str, Any] | None:
         rows = self._all(sql, params)
         return rows[0] if rows else None
 
     def _write(self, sql: str, params: list[Any]) -> int:
-        cursor = self.db.execute(sql, params)
-        self.db.conn.commit()
-        return cursor.rowcount
+        return self.backend.execute(sql, params)
 
     # -- messages (one per key and destination, updated in place) --
 
@@ -596,10 +609,8 @@ class RoutingLog:
 
     def decided(self, period: str) -> frozenset[str]:
         """Keys of a period with a final decision."""
-        rows = self.db.execute(
-            "SELECT key FROM route_decisions WHERE stage = 'final' AND key LIKE ?", [f"%|{period}"]
-        ).fetchall()
-        return frozenset(r[0] for r in rows)
+        rows = self._all("SELECT key FROM route_decisions WHERE stage = 'final' AND key LIKE ?", [f"%|{period}"])
+        return frozenset(r["key"] for r in rows)
 
     def trail(self, key: str) -> dict[str, list[dict[str, Any]]]:
         """Everything routing did about one key, for the audit."""
@@ -611,24 +622,39 @@ class RoutingLog:
         }
 
 
+def _run_values(record: RunRecord) -> list[Any]:
+    """The run's columns from period_start to customer_id, in RUN_COLUMNS order."""
+    return [
+        record.period_start,
+        record.period_end,
+        record.period_label,
+        record.config_hash,
+        record.calculation_version,
+        json.dumps(record.inputs, sort_keys=True),
+        json.dumps(record.customers),
+        record.invoice_id,
+        record.customer_id,
+    ]
+
+
 def _first_invoice(line: dict[str, Any]) -> str | None:
     ids = line["evidence"]["invoice_ids"]
     return ids[0] if ids else None
 
 
-def _line_row(run_id: str, position: int, line: dict[str, Any]) -> dict[str, Any]:
-    return {
-        "run_id": run_id,
-        "position": position,
-        "customer_id": line["customer_id"],
-        "meter": line["meter"],
-        "period": line["period"],
-        "class": line["class"],
-        "line": json.dumps(line, separators=(",", ":")),
-    }
+def _line_row(run_id: str, position: int, line: dict[str, Any]) -> tuple[Any, ...]:
+    return (
+        run_id,
+        position,
+        line["customer_id"],
+        line["meter"],
+        line["period"],
+        line["class"],
+        json.dumps(line, separators=(",", ":")),
+    )
 
 
-def _schema_1(db: sqlite_utils.Database) -> None:
+def _schema_1(db: Backend) -> None:
     db.execute("CREATE TABLE schema_version (version INTEGER PRIMARY KEY, applied_at TEXT NOT NULL)")
     db.execute(
         """CREATE TABLE runs (
@@ -661,7 +687,7 @@ def _schema_1(db: sqlite_utils.Database) -> None:
     )
 
 
-def _schema_2(db: sqlite_utils.Database) -> None:
+def _schema_2(db: Backend) -> None:
     db.execute(
         """CREATE TABLE inbox (
             provider TEXT NOT NULL, event_id TEXT NOT NULL, type TEXT NOT NULL, account TEXT,
@@ -674,7 +700,12 @@ def _schema_2(db: sqlite_utils.Database) -> None:
     db.execute("CREATE INDEX inbox_subject ON inbox (provider, subject)")
 
 
-def _schema_3(db: sqlite_utils.Database) -> None:
+def _schema_3(db: Backend) -> None:
+    """The claim walks the events still to do in arrival order, without sorting the finished ones."""
+    db.execute("CREATE INDEX inbox_open ON inbox (received_at) WHERE status IN ('pending', 'processing')")
+
+
+def _schema_4(db: Backend) -> None:
     """Routing: messages, tickets, decisions, write-backs; watch-list cycles and escalation."""
     db.execute("ALTER TABLE watchlist ADD COLUMN cycles INTEGER NOT NULL DEFAULT 0")
     db.execute("ALTER TABLE watchlist ADD COLUMN escalated_by TEXT")
@@ -710,4 +741,6 @@ def _schema_3(db: sqlite_utils.Database) -> None:
     )
 
 
-MIGRATIONS = {1: _schema_1, 2: _schema_2, 3: _schema_3}
+# The schema's history, oldest first: version N is MIGRATIONS[N - 1]. Append; never edit a step.
+MIGRATIONS: list[Callable[[Backend], None]] = [_schema_1, _schema_2, _schema_3, _schema_4]
+SCHEMA_VERSION = len(MIGRATIONS)

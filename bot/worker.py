@@ -49,7 +49,7 @@ class Worker:
     backoff: timedelta = timedelta(seconds=30)
     max_backoff: timedelta = timedelta(hours=1)
     clock: Callable[[], datetime] = utc_now
-    renewer: Callable[[], Store] | None = None  # a second connection for the lease heartbeat
+    renewer: Callable[[], Store] | None = None  # the store the lease heartbeat uses (`Store.sibling`)
 
     def run_once(self) -> bool:
         """Claim and process one event; False when nothing is ready."""
@@ -122,5 +122,9 @@ class _Heartbeat:
         assert self.worker.renewer is not None
         store = self.worker.renewer()
         interval = self.worker.lease.total_seconds() / 3
-        while not self.done.wait(interval):
-            store.renew(self.claimed, self.worker.name, self.worker.clock() + self.worker.lease)
+        try:
+            while not self.done.wait(interval):
+                store.renew(self.claimed, self.worker.name, self.worker.clock() + self.worker.lease)
+        finally:
+            if store is not self.worker.store:
+                store.close()

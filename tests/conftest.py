@@ -7,6 +7,7 @@ import pytest
 import responses
 
 from bot.store import Store
+from tests.databases import BACKENDS, database
 
 
 @pytest.fixture(autouse=True)
@@ -18,9 +19,30 @@ def _clean_environment(monkeypatch: pytest.MonkeyPatch, tmp_path) -> None:
     monkeypatch.setenv("RECON_DATABASE_URL", f"sqlite:///{tmp_path / 'recon.db'}")
 
 
+@pytest.fixture(params=BACKENDS)
+def database_url(request: pytest.FixtureRequest, tmp_path, monkeypatch: pytest.MonkeyPatch) -> Iterator[str]:
+    """An empty database, SQLite or PostgreSQL (a schema of its own); every store opened on it
+    during the test is closed before it is dropped."""
+    opened: list[Store] = []
+    real_open = Store.open.__func__  # type: ignore[attr-defined]
+
+    def tracked_open(cls: type[Store], url: str) -> Store:
+        store = real_open(cls, url)
+        opened.append(store)
+        return store
+
+    monkeypatch.setattr(Store, "open", classmethod(tracked_open))
+    with database(request.param, tmp_path) as url:
+        try:
+            yield url
+        finally:
+            for store in opened:
+                store.close()
+
+
 @pytest.fixture
-def store(tmp_path) -> Store:
-    return Store.open(f"sqlite:///{tmp_path / 'store.db'}")
+def store(database_url: str) -> Store:
+    return Store.open(database_url)
 
 
 @pytest.fixture

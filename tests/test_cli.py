@@ -34,16 +34,15 @@ def test_reconcile_json_is_the_contract_report(tmp_path):
     assert report["lines"][0]["class"] == "under_bill"
 
 
-def test_same_inputs_give_byte_identical_reports_and_one_stored_run(tmp_path):
+def test_same_inputs_give_byte_identical_reports_and_one_stored_run(tmp_path, database_url, monkeypatch):
+    monkeypatch.setenv("RECON_DATABASE_URL", database_url)
     config = str(book(tmp_path))
     first = recon("reconcile", "--config", config, "--format", "json")
     second = recon("reconcile", "--config", config, "--format", "json")
     assert first.exit_code == second.exit_code == 0
     assert first.stdout == second.stdout
-    db = Store.open(Settings.from_env().database_url).db
-    assert db["runs"].count == 1
-    assert db["run_lines"].count == 1
-    assert db["discrepancies"].count == 1
+    store = Store.open(Settings.from_env().database_url)
+    assert (store.count("runs"), store.count("run_lines"), store.count("discrepancies")) == (1, 1, 1)
 
 
 def test_csv_and_table_formats(tmp_path):
@@ -151,6 +150,15 @@ def test_reconcile_route_without_slack_credentials_says_what_was_not_sent(tmp_pa
     assert "route slack:#revops: not configured: under_bill: cus_a" in result.stderr
 
 
-def test_migrate_reports_the_schema_version():
+def test_migrate_reports_the_schema_version(database_url, monkeypatch):
+    monkeypatch.setenv("RECON_DATABASE_URL", database_url)
     result = recon("migrate")
     assert (result.exit_code, result.stdout) == (0, f"schema at version {SCHEMA_VERSION}\n")
+
+
+def test_an_unreachable_database_is_exit_2_with_one_line(monkeypatch):
+    monkeypatch.setenv("RECON_DATABASE_URL", "postgresql://recon:s3cret@127.0.0.1:1/recon?connect_timeout=1")
+    result = recon("migrate")
+    assert result.exit_code == 2
+    assert result.stderr.startswith("recon: cannot connect to PostgreSQL at postgresql://recon@127.0.0.1:1/recon")
+    assert len(result.stderr.splitlines()) == 1 and "s3cret" not in result.stderr

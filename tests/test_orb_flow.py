@@ -96,7 +96,8 @@ def test_an_edited_draft_with_a_credit_is_a_credit(world, orb_api):
 
     assert worker(world).run_once()
 
-    ((line,),) = world.store.db.execute("SELECT line FROM run_lines").fetchall()
+    [row] = world.store.backend.query("SELECT line FROM run_lines")
+    line = row["line"]
     verdict = json.loads(line)
     assert (verdict["class"], verdict["delta_amount"]) == ("credit", "30.00")
     assert sorted(verdict["evidence"]["invoice_line_ids"]) == ["li_api", "li_api:credits_applied"]
@@ -111,7 +112,7 @@ def test_plan_changes_are_recorded_and_other_types_ignored_without_a_run(world, 
     assert worker(world).run_once()
 
     assert world.store.events()[0]["status"] == status
-    assert world.store.db["runs"].count == 0
+    assert world.store.count("runs") == 0
 
 
 def test_the_sweep_enqueues_orb_invoices_no_event_covers(world, orb_api):

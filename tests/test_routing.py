@@ -357,22 +357,6 @@ def test_escalation_waits_for_the_configured_number_of_cycles(tmp_path, store):
     assert (item["status"], item["cycles"]) == ("open", 1)
 
 
-def test_schema_3_upgrades_a_version_2_database(tmp_path):
-    from bot import store as store_module
-
-    url = f"sqlite:///{tmp_path / 'old.db'}"
-    migrations = dict(store_module.MIGRATIONS)
-    store_module.SCHEMA_VERSION = 2
-    try:
-        Store.open(url)
-    finally:
-        store_module.SCHEMA_VERSION = 3
-    assert migrations == store_module.MIGRATIONS
-    upgraded = Store.open(url)
-    assert upgraded.schema_version() == 3
-    assert upgraded.watchlist(include_closed=True) == []
-
-
 # -- who owns a customer ---------------------------------------------------------------------
 
 

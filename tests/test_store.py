@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import sqlite3
-
 import pytest
 
 from bot.app import create_app
@@ -21,7 +19,7 @@ def test_a_rerun_over_the_same_inputs_adds_nothing(tmp_path, store):
     first = stored_book(tmp_path, store)
     second = reconcile_book(tmp_path, "2026-10", store)
     assert first == second
-    assert (store.db["runs"].count, store.db["run_lines"].count, store.db["discrepancies"].count) == (1, 1, 1)
+    assert (store.count("runs"), store.count("run_lines"), store.count("discrepancies")) == (1, 1, 1)
 
 
 def test_changed_inputs_make_a_new_run_and_move_the_discrepancy(tmp_path, store):
@@ -29,7 +27,7 @@ def test_changed_inputs_make_a_new_run_and_move_the_discrepancy(tmp_path, store)
     write_book(tmp_path, [event("e1", 130_000)], [metered(130_000)], [line(120, "140.00")])
     second = reconcile_book(tmp_path, "2026-10", store)
     assert first["run_id"] != second["run_id"]
-    assert store.db["runs"].count == 2
+    assert store.count("runs") == 2
     (row,) = store.discrepancies()
     assert (row["first_run_id"], row["last_run_id"], row["delta_amount"]) == (
         first["run_id"],
@@ -44,31 +42,81 @@ def test_stored_report_reads_back_as_written(tmp_path, store):
     assert store.get_run("run_missing") is None
 
 
+FAILING_TRIGGER = {
+    "sqlite": ["CREATE TRIGGER no_lines BEFORE INSERT ON discrepancies BEGIN SELECT RAISE(ABORT, 'disk full'); END"],
+    "postgresql": [
+        """CREATE FUNCTION disk_full() RETURNS trigger LANGUAGE plpgsql AS
+           $$ BEGIN RAISE EXCEPTION 'disk full' USING ERRCODE = 'check_violation'; END $$""",
+        "CREATE TRIGGER no_lines BEFORE INSERT ON discrepancies FOR EACH ROW EXECUTE FUNCTION disk_full()",
+    ],
+}
+
+
 def test_a_failed_write_leaves_no_half_run(tmp_path, store):
     write_book(tmp_path, [event("e1", 130_000)], [metered(130_000)], [line(110, "120.00")])
-    store.db.execute(
-        "CREATE TRIGGER no_lines BEFORE INSERT ON discrepancies BEGIN SELECT RAISE(ABORT, 'disk full'); END"
-    )
-    with pytest.raises(sqlite3.IntegrityError):
+    for statement in FAILING_TRIGGER[store.dialect]:
+        store.backend.execute(statement)
+    with pytest.raises(store.backend.integrity_error, match="disk full"):
         reconcile_book(tmp_path, "2026-10", store)
-    assert (store.db["runs"].count, store.db["run_lines"].count) == (0, 0)
+    assert (store.count("runs"), store.count("run_lines")) == (0, 0)
 
 
-def test_migrate_is_idempotent(tmp_path):
-    url = f"sqlite:///{tmp_path / 'm.db'}"
-    assert Store.open(url).schema_version() == SCHEMA_VERSION
-    assert Store.open(url).migrate() == SCHEMA_VERSION
+def test_migrate_is_idempotent(database_url):
+    assert Store.open(database_url).schema_version() == SCHEMA_VERSION
+    assert Store.open(database_url).migrate() == SCHEMA_VERSION
 
 
-def test_only_sqlite_urls_for_now():
+@pytest.mark.parametrize("old", range(1, SCHEMA_VERSION))
+def test_a_database_at_an_older_version_is_brought_forward(database_url, monkeypatch, old):
+    from bot import store as store_module
+
+    with monkeypatch.context() as patch:
+        patch.setattr(store_module, "MIGRATIONS", store_module.MIGRATIONS[:old])
+        assert Store.open(database_url).schema_version() == old
+    store = Store.open(database_url)
+    assert store.schema_version() == SCHEMA_VERSION
+    assert store.count("schema_version") == SCHEMA_VERSION
+    with pytest.raises(store.backend.error, match="inbox_open"):  # version 3 made it
+        store.backend.execute("CREATE INDEX inbox_open ON inbox (received_at)")
+    assert [store.count(t) for t in ("route_messages", "route_writebacks", "watch_checks")] == [0, 0, 0]
+    assert store.watchlist(include_closed=True) == []  # version 4's cycles and escalated_by columns
+
+
+def test_processes_starting_together_migrate_once(database_url):
+    """Each store migrates under a lock: the second finds the schema current."""
+    import threading
+
+    results: list[object] = []
+
+    def open_one() -> None:
+        try:
+            results.append(Store.open(database_url).schema_version())
+        except Exception as exc:  # noqa: BLE001 - reported by the assertion
+            results.append(exc)
+
+    threads = [threading.Thread(target=open_one) for _ in range(4)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert results == [SCHEMA_VERSION] * 4
+
+
+def test_unknown_database_urls_are_refused_naming_the_variable():
     with pytest.raises(StoreError, match="RECON_DATABASE_URL"):
         Store.open("mysql://x")
 
 
-def test_api_lists_and_serves_runs(tmp_path):
-    url = f"sqlite:///{tmp_path / 'api.db'}"
-    report = stored_book(tmp_path, Store.open(url))
-    client = create_app(Settings(database_url=url)).test_client()
+def test_an_unreachable_postgresql_is_one_line_without_the_password():
+    with pytest.raises(StoreError, match="cannot connect to PostgreSQL at postgresql://u@127.0.0.1:1/x") as caught:
+        Store.open("postgresql://u:s3cret@127.0.0.1:1/x?connect_timeout=1")
+    assert "s3cret" not in str(caught.value)
+    assert "\n" not in str(caught.value)
+
+
+def test_api_lists_and_serves_runs(tmp_path, database_url):
+    report = stored_book(tmp_path, Store.open(database_url))
+    client = create_app(Settings(database_url=database_url)).test_client()
     assert client.get("/healthz").json == {"status": "ok"}
     assert client.get("/readyz").status_code == 200
     runs = client.get("/api/runs?period=2026-10&customer_id=cus_a").json["runs"]

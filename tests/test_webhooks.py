@@ -31,9 +31,9 @@ def invoice_created(event_id: str = "evt_1", kind: str = "invoice.created") -> s
 
 
 @pytest.fixture
-def app(tmp_path):
+def app(database_url):
     settings = Settings(
-        database_url=f"sqlite:///{tmp_path / 'hooks.db'}",
+        database_url=database_url,
         stripe_webhook_secrets=(SECRET, OLD_SECRET),
         webhook_max_bytes=64 * 1024,
     )
