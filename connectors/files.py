@@ -286,9 +286,9 @@ def _event_columns(types: dict[str, str]) -> dict[str, str]:
     """The SQL expression of each parsed column, by the file's column type."""
     received = "received_at" in types
     return {
-        "event_id": "NULLIF(trim(CAST(event_id AS VARCHAR)), '')",
-        "customer_id": "NULLIF(trim(CAST(customer_id AS VARCHAR)), '')",
-        "meter": "NULLIF(trim(CAST(meter AS VARCHAR)), '')",
+        "event_id": _trimmed("event_id"),
+        "customer_id": _trimmed("customer_id"),
+        "meter": _trimmed("meter"),
         "ts": _instant_sql("timestamp", types["timestamp"]),
         "rcv": _instant_sql("received_at", types["received_at"]) if received else "NULL::TIMESTAMPTZ",
         "qty": _decimal_sql("quantity", types["quantity"]),
@@ -296,6 +296,11 @@ def _event_columns(types: dict[str, str]) -> dict[str, str]:
         "received_at_text": "CAST(received_at AS VARCHAR)" if received else "NULL::VARCHAR",
         "quantity_text": "CAST(quantity AS VARCHAR)",
     }
+
+
+def _trimmed(column: str) -> str:
+    """A text column trimmed, NULL when empty."""
+    return f"NULLIF(trim(CAST({column} AS VARCHAR)), '')"
 
 
 def _select_events(columns: dict[str, str]) -> str:
@@ -323,49 +328,68 @@ def aggregate_sql(relation: str, types: dict[str, str], timeline: Timeline, evid
     segment = _bucket("ts", [s.end for s in timeline.segments], timeline.start)
     window = _window("rcv", timeline)
     limit = max(evidence_limit, 0)
+    # Each row's text is parsed once. Ids seen more than once are found by their hash on the
+    # bare event_id column; the rows whose id hash is unique (nearly all) and the few others
+    # are then parsed on separate paths, the latter deduplicated by their exact id. A hash
+    # collision only sends a row down the exact path, so the result does not depend on it.
+    id_hash = f"hash({_trimmed('f.event_id')})"
+    parsed = f"SELECT *, {bad} AS bad FROM (SELECT {_select_events(columns)} FROM ROWS)"
     return f"""
-    WITH src AS NOT MATERIALIZED (
-        SELECT *, {bad} AS bad FROM (SELECT {_select_events(columns)} FROM {relation})
+    WITH dup_ids AS MATERIALIZED (
+        SELECT h FROM (SELECT {id_hash} AS h FROM {relation} AS f WHERE {_trimmed("f.event_id")} IS NOT NULL)
+        GROUP BY h HAVING count(*) > 1
     ),
-    dup_ids AS (
-        SELECT event_id FROM src WHERE event_id IS NOT NULL GROUP BY event_id HAVING count(*) > 1
+    single AS (
+        {parsed.replace("ROWS", f"{relation} AS f ANTI JOIN dup_ids ON {id_hash} = dup_ids.h")}
+    ),
+    copies AS (
+        {parsed.replace("ROWS", f"{relation} AS f SEMI JOIN dup_ids ON {id_hash} = dup_ids.h")}
     ),
     dup_rows AS (
-        SELECT src.*,
+        SELECT copies.*,
             row_number() OVER (same_id ORDER BY coalesce(rcv, ts), qty, customer_id, meter, ts) AS copy,
             count(*) OVER same_id AS copies,
             min(qty) OVER same_id <> max(qty) OVER same_id AS conflict
-        FROM src SEMI JOIN dup_ids USING (event_id)
+        FROM copies
         WINDOW same_id AS (PARTITION BY event_id)
     ),
     events AS (
-        SELECT *, 1 AS copies, false AS conflict FROM src ANTI JOIN dup_ids USING (event_id)
+        SELECT *, 1 AS copies, false AS conflict FROM single
         UNION ALL
         SELECT * EXCLUDE (copy) FROM dup_rows WHERE copy = 1 OR bad IS NOT NULL
     ),
     placed AS (
-        SELECT *, {period} AS period_no, {segment} AS segment_no, {window} AS window_no
-        FROM events
-        WHERE bad IS NOT NULL
-           OR (ts >= {start} AND ts < {end})
-           OR (ts < {start} AND rcv > {first_window} AND rcv <= {last_window})
+        -- Rows outside the run (neither in its periods nor late for its first one) fall in a
+        -- segment of their own, dropped after the sums: a WHERE here would be pushed down and
+        -- parse every row a second time.
+        SELECT *, {period} AS period_no, CASE WHEN keep THEN {segment} ELSE -2 END AS segment_no,
+            {window} AS window_no
+        FROM (
+            SELECT *, (bad IS NOT NULL
+                OR (ts >= {start} AND ts < {end})
+                OR (ts < {start} AND rcv > {first_window} AND rcv <= {last_window})) AS keep
+            FROM events
+        )
     ),
     flagged AS (
         SELECT *, CASE WHEN window_no > period_no THEN window_no END AS receiving FROM placed
     )
-    SELECT
-        customer_id, meter, segment_no, receiving,
-        sum(qty)::VARCHAR AS quantity,
-        count(*) AS events,
-        list_slice(list(event_id ORDER BY event_id) FILTER (WHERE receiving IS NOT NULL), 1, {limit}) AS late_ids,
-        list_slice(list(event_id ORDER BY event_id) FILTER (WHERE copies > 1), 1, {limit}) AS dup_ids,
-        coalesce(sum(copies - 1), 0) AS dropped_copies,
-        count(*) FILTER (WHERE conflict) AS conflicts,
-        list(DISTINCT strftime(timezone({_quote_literal(zone)}, ts), '%Y-%m'))
-            FILTER (WHERE segment_no = -1) AS origins,
-        bool_or(bad IS NOT NULL) AS has_bad
-    FROM flagged
-    GROUP BY customer_id, meter, segment_no, receiving
+    SELECT * EXCLUDE (kept) FROM (
+        SELECT
+            customer_id, meter, segment_no, receiving,
+            sum(qty)::VARCHAR AS quantity,
+            count(*) AS events,
+            list_slice(list(event_id ORDER BY event_id) FILTER (WHERE receiving IS NOT NULL), 1, {limit}) AS late_ids,
+            list_slice(list(event_id ORDER BY event_id) FILTER (WHERE copies > 1), 1, {limit}) AS dup_ids,
+            coalesce(sum(copies - 1), 0) AS dropped_copies,
+            count(*) FILTER (WHERE conflict) AS conflicts,
+            list_distinct(list(strftime(timezone({_quote_literal(zone)}, ts), '%Y-%m'))
+                FILTER (WHERE segment_no = -1)) AS origins,
+            bool_or(bad IS NOT NULL) AS has_bad,
+            bool_or(keep) AS kept
+        FROM flagged
+        GROUP BY customer_id, meter, segment_no, receiving
+    ) WHERE kept
     """
 
 
