@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import gc
 import hashlib
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from dataclasses import dataclass, replace
 from decimal import Decimal
 from pathlib import Path
@@ -15,10 +17,10 @@ from connectors.base import InvoiceBilling, period_records
 from connectors.files import FileBilling, RawEventsFile
 from rules.config import Config
 from rules.match import Joined
-from rules.models import InvoiceLine, MeteredRecord, Period
+from rules.models import InvoiceLine, MeteredRecord, Period, Report
 from rules.periods import infer_periods, label_for
 from rules.reconcile import CALCULATION_VERSION, reconcile, run_id_for
-from rules.report import report_json
+from rules.report import report_head, report_json, report_lines
 from rules.timeline import build_timeline
 
 
@@ -31,8 +33,32 @@ class SourcePaths:
 
 @dataclass(frozen=True)
 class RunResult:
-    report: dict[str, Any]
+    """A run's report: `head` (run id, period, summary) and its verdicts, whose lines
+    `lines()` makes one at a time; `report` is the whole document in memory."""
+
+    head: dict[str, Any]
+    verdicts: Report
     stored: bool
+
+    def lines(self) -> Iterator[dict[str, Any]]:
+        return report_lines(self.verdicts)
+
+    @property
+    def report(self) -> dict[str, Any]:
+        return {**self.head, "lines": list(self.lines())}
+
+
+@contextmanager
+def _no_cyclic_gc() -> Iterator[None]:
+    """Pause the cyclic garbage collector: a run makes millions of objects and no cycles, and
+    each full collection would walk them all again. Reference counting still frees memory."""
+    enabled = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if enabled:
+            gc.enable()
 
 
 def reconcile_files(
@@ -47,14 +73,14 @@ def reconcile_files(
     store the run unless it is stored already."""
     raw = RawEventsFile(sources.raw)
     billing = FileBilling(sources.metered, sources.invoiced)
-    with ThreadPoolExecutor(max_workers=1) as pool:
+    with _no_cyclic_gc(), ThreadPoolExecutor(max_workers=1) as pool:
         # Hashing the inputs overlaps with DuckDB's scan instead of adding to it.
         fingerprints = pool.submit(lambda: {"raw": raw.fingerprint(), "billing": billing.fingerprint()})
-        metered, lines = list(billing.metered()), list(billing.invoiced())
+        records = Records(list(billing.metered()), list(billing.invoiced()))
         if periods is None:
-            spans = {(r.period_start, r.period_end) for r in (*metered, *lines)}
+            spans = {(r.period_start, r.period_end) for r in (*records.metered, *records.lines)}
             periods = infer_periods(spans, config.period.zone)
-        return _reconcile(config, raw, metered, lines, periods, fingerprints.result, store, customers, progress)
+        return _reconcile(config, raw, records, periods, fingerprints.result, store, customers, progress)
 
 
 def reconcile_platform(
@@ -80,14 +106,23 @@ def reconcile_platform(
     def fingerprints() -> dict[str, str]:
         return {"raw": raw.fingerprint(), "billing": f"{billing.provider}:{digest}"}
 
-    return _reconcile(config, raw, metered, lines, periods, fingerprints, store, customers, progress)
+    with _no_cyclic_gc():
+        return _reconcile(config, raw, Records(metered, lines), periods, fingerprints, store, customers, progress)
+
+
+@dataclass
+class Records:
+    """The billing side's records, handed over to `_reconcile`, which lets go of them once
+    they are judged (the caller keeps no other reference)."""
+
+    metered: list[MeteredRecord]
+    lines: list[InvoiceLine]
 
 
 def _reconcile(
     config: Config,
     raw: RawEventsFile,
-    metered: list[MeteredRecord],
-    lines: list[InvoiceLine],
+    records: Records,
     periods: tuple[Period, ...],
     fingerprints: Callable[[], dict[str, str]],
     store: Store | None,
@@ -98,12 +133,16 @@ def _reconcile(
     aggregates = raw.aggregate(timeline, config.evidence_limit, config.period.timezone, progress)
     inputs = fingerprints()
     run_id = run_id_for(config.fingerprint, inputs, periods, customers)
-    report, joined = reconcile(config, timeline, aggregates, metered, lines, run_id, customers)
-    document = report_json(report, _scope(joined))
+    report, joined = reconcile(config, timeline, aggregates, records.metered, records.lines, run_id, customers)
+    # The verdicts hold all the report needs: let the inputs and the per-key facts go.
+    del aggregates
+    records.metered, records.lines = [], []
+    joined.facts.clear()
+    head = report_head(report, _scope(joined))
     stored = False
     if store is not None:
-        stored = save(store, document, config, inputs, periods, customers)
-    return RunResult(report=document, stored=stored)
+        stored = save(store, {**head, "lines": report_lines(report)}, config, inputs, periods, customers)
+    return RunResult(head=head, verdicts=report, stored=stored)
 
 
 def event_run_id(provider: str, event_id: str) -> str:

@@ -9,12 +9,13 @@ from __future__ import annotations
 
 import json
 import sqlite3
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
+import orjson
 import sqlite_utils
 
 SCHEMA_VERSION = 2
@@ -112,7 +113,7 @@ class Store:
 
     # -- runs -------------------------------------------------------------------
 
-    def save_run(self, record: RunRecord, summary: dict[str, Any], lines: list[dict[str, Any]]) -> bool:
+    def save_run(self, record: RunRecord, summary: dict[str, Any], lines: Iterable[dict[str, Any]]) -> bool:
         """Store a finished run with its lines and discrepancies; False if it was already done.
 
         A run started earlier (`start_run`) and cut short is completed under the same id.
@@ -154,7 +155,7 @@ class Store:
         row = self.db.execute("SELECT status FROM runs WHERE run_id = ?", [run_id]).fetchone()
         return row[0] if row else None
 
-    def _insert_run(self, record: RunRecord, summary: dict[str, Any], lines: list[dict[str, Any]]) -> None:
+    def _insert_run(self, record: RunRecord, summary: dict[str, Any], lines: Iterable[dict[str, Any]]) -> None:
         with self.db.atomic():
             started = self.run_status(record.run_id) is not None
             row = {
@@ -169,12 +170,29 @@ class Store:
                 self.db.conn.execute("DELETE FROM run_lines WHERE run_id = ?", [record.run_id])
             else:
                 self.db["runs"].insert({**row, "created_at": now()})
-            self.db["run_lines"].insert_all(
-                (_line_row(record.run_id, position, line) for position, line in enumerate(lines)),
-                batch_size=5000,
-            )
-            self._record_discrepancies(record.run_id, lines)
-            self._watch(record.run_id, lines)
+            self._insert_lines(record.run_id, lines)
+
+    def _insert_lines(self, run_id: str, lines: Iterable[dict[str, Any]]) -> None:
+        """The run's lines in one pass (they may be made one at a time), then its discrepancies
+        and timing items, in the order of the lines."""
+        breaks: list[dict[str, Any]] = []
+        timing: list[dict[str, Any]] = []
+
+        def rows() -> Iterator[tuple[Any, ...]]:
+            for position, line in enumerate(lines):
+                if line["class"] != "match":
+                    breaks.append(line)
+                if line["class"] == "timing" or line["evidence"]["clears"]:
+                    timing.append(line)
+                yield _line_row(run_id, position, line)
+
+        self.db.conn.executemany(
+            """INSERT INTO run_lines (run_id, position, customer_id, meter, period, class, line)
+               VALUES (?, ?, ?, ?, ?, ?, ?)""",
+            rows(),
+        )
+        self._record_discrepancies(run_id, breaks)
+        self._watch(run_id, timing)
 
     def _record_discrepancies(self, run_id: str, lines: list[dict[str, Any]]) -> None:
         rows = [
@@ -402,16 +420,20 @@ def _first_invoice(line: dict[str, Any]) -> str | None:
     return ids[0] if ids else None
 
 
-def _line_row(run_id: str, position: int, line: dict[str, Any]) -> dict[str, Any]:
-    return {
-        "run_id": run_id,
-        "position": position,
-        "customer_id": line["customer_id"],
-        "meter": line["meter"],
-        "period": line["period"],
-        "class": line["class"],
-        "line": json.dumps(line, separators=(",", ":")),
-    }
+def _line_row(run_id: str, position: int, line: dict[str, Any]) -> tuple[Any, ...]:
+    return (run_id, position, line["customer_id"], line["meter"], line["period"], line["class"], _line_text(line))
+
+
+def _line_text(line: dict[str, Any]) -> str:
+    """The line as compact JSON with non-ASCII escaped: `json.dumps(line, separators=(",", ":"))`,
+    by orjson when the text is ASCII anyway."""
+    try:
+        text = orjson.dumps(line)
+    except orjson.JSONEncodeError:
+        text = b"\x80"  # not ASCII: fall through to json
+    if text.isascii():
+        return text.decode()
+    return json.dumps(line, separators=(",", ":"))
 
 
 def _schema_1(db: sqlite_utils.Database) -> None:
