@@ -18,7 +18,7 @@ ZERO = Decimal(0)
 Key = tuple[str, str, int]
 
 
-@dataclass
+@dataclass(slots=True)
 class KeyFacts:
     """Everything the three records say about one key, in raw units."""
 
