@@ -2,11 +2,9 @@
 
 from __future__ import annotations
 
-import gc
 import hashlib
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import contextmanager
 from dataclasses import dataclass, replace
 from decimal import Decimal
 from pathlib import Path
@@ -19,7 +17,7 @@ from rules.config import Config
 from rules.match import Joined
 from rules.models import InvoiceLine, MeteredRecord, Period, Report
 from rules.periods import infer_periods, label_for
-from rules.reconcile import CALCULATION_VERSION, reconcile, run_id_for
+from rules.reconcile import CALCULATION_VERSION, reconcile, run_id_for, without_cyclic_gc
 from rules.report import report_head, report_json, report_lines
 from rules.timeline import build_timeline
 
@@ -48,19 +46,6 @@ class RunResult:
         return {**self.head, "lines": list(self.lines())}
 
 
-@contextmanager
-def _no_cyclic_gc() -> Iterator[None]:
-    """Pause the cyclic garbage collector: a run makes millions of objects and no cycles, and
-    each full collection would walk them all again. Reference counting still frees memory."""
-    enabled = gc.isenabled()
-    gc.disable()
-    try:
-        yield
-    finally:
-        if enabled:
-            gc.enable()
-
-
 def reconcile_files(
     config: Config,
     sources: SourcePaths,
@@ -73,7 +58,7 @@ def reconcile_files(
     store the run unless it is stored already."""
     raw = RawEventsFile(sources.raw)
     billing = FileBilling(sources.metered, sources.invoiced)
-    with _no_cyclic_gc(), ThreadPoolExecutor(max_workers=1) as pool:
+    with without_cyclic_gc(), ThreadPoolExecutor(max_workers=1) as pool:
         # Hashing the inputs overlaps with DuckDB's scan instead of adding to it.
         fingerprints = pool.submit(lambda: {"raw": raw.fingerprint(), "billing": billing.fingerprint()})
         records = Records(list(billing.metered()), list(billing.invoiced()))
@@ -106,7 +91,7 @@ def reconcile_platform(
     def fingerprints() -> dict[str, str]:
         return {"raw": raw.fingerprint(), "billing": f"{billing.provider}:{digest}"}
 
-    with _no_cyclic_gc():
+    with without_cyclic_gc():
         return _reconcile(config, raw, Records(metered, lines), periods, fingerprints, store, customers, progress)
 
 
@@ -133,16 +118,23 @@ def _reconcile(
     aggregates = raw.aggregate(timeline, config.evidence_limit, config.period.timezone, progress)
     inputs = fingerprints()
     run_id = run_id_for(config.fingerprint, inputs, periods, customers)
-    report, joined = reconcile(config, timeline, aggregates, records.metered, records.lines, run_id, customers)
-    # The verdicts hold all the report needs: let the inputs and the per-key facts go.
-    del aggregates
-    records.metered, records.lines = [], []
-    joined.facts.clear()
+    # The join takes the records one by one, so each can be freed once it is read; the
+    # invoice lines stay with their keys until judged.
+    report, joined = reconcile(
+        config, timeline, _drain(aggregates), _drain(records.metered), _drain(records.lines), run_id, customers
+    )
     head = report_head(report, _scope(joined))
     stored = False
     if store is not None:
         stored = save(store, {**head, "lines": report_lines(report)}, config, inputs, periods, customers)
     return RunResult(head=head, verdicts=report, stored=stored)
+
+
+def _drain(items: list[Any]) -> Iterator[Any]:
+    """The items in order, each removed from `items` as it is given."""
+    items.reverse()
+    while items:
+        yield items.pop()
 
 
 def event_run_id(provider: str, event_id: str) -> str:

@@ -16,6 +16,7 @@ from collections.abc import Callable, Iterator
 from datetime import datetime
 from decimal import Decimal
 from pathlib import Path
+from sys import intern
 from typing import Any
 
 import duckdb
@@ -190,6 +191,10 @@ class FileBilling:
             )
 
 
+# Names that repeat across records (customer, meter, currency, kind) are interned: one
+# string per name instead of one per record.
+
+
 class _Unsure(Exception):
     """A value the quick reading does not accept; the field-by-field reading decides."""
 
@@ -241,8 +246,8 @@ def _number(value: str | None) -> Decimal:
 def _metered_record(row: tuple[str | None, ...], instant: Callable[[str | None], datetime]) -> MeteredRecord:
     customer, meter, start, end, quantity = row
     return MeteredRecord(
-        customer_id=(customer or "").strip(),
-        meter=_required(meter),
+        customer_id=intern((customer or "").strip()),
+        meter=intern(_required(meter)),
         period_start=instant(start),
         period_end=instant(end),
         quantity=_number(quantity),
@@ -257,14 +262,14 @@ def _invoice_line(row: tuple[str | None, ...], instant: Callable[[str | None], d
     return InvoiceLine(
         invoice_id=_required(invoice),
         line_id=_required(line),
-        customer_id=(customer or "").strip(),
-        meter=(meter or "").strip(),
+        customer_id=intern((customer or "").strip()),
+        meter=intern((meter or "").strip()),
         period_start=instant(start),
         period_end=instant(end),
         quantity=_number(quantity),
         amount=_number(amount),
-        currency=_required(currency).lower(),
-        kind=kind,
+        currency=intern(_required(currency).lower()),
+        kind=intern(kind),
     )
 
 
@@ -483,8 +488,8 @@ def aggregate_sql(relation: str, types: dict[str, str], timeline: Timeline, evid
 def _raw_aggregate(row: tuple[Any, ...]) -> RawAggregate:
     customer, meter, segment, receiving, quantity, events, late, dups, dropped, conflicts, origins, _ = row
     return RawAggregate(
-        customer_id=customer,
-        meter=meter,
+        customer_id=intern(customer),
+        meter=intern(meter),
         segment=None if segment is None or segment < 0 else segment,
         receiving=receiving,
         quantity=Decimal(quantity).normalize() if quantity is not None else Decimal(0),

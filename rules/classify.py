@@ -248,7 +248,8 @@ def _expected_amount(
             continue
         included, pricing = _terms_at(meter, segment.start, facts.customer_id)
         share = Decimal((segment.end - segment.start).total_seconds()) / length
-        units = billable_units(facts.segment_raw.get(index, ZERO), meter.unit_size, meter.rounding, meter.precision)
+        raw = (facts.segment_raw or {}).get(index, ZERO)
+        units = billable_units(raw, meter.unit_size, meter.rounding, meter.precision)
         total += price(pricing, units - included * share)
     return round_money(total, meter.currency)
 
