@@ -15,7 +15,7 @@ from connectors.base import InvoiceBilling, period_records
 from connectors.files import FileBilling, RawEventsFile
 from rules.config import Config
 from rules.match import Joined
-from rules.models import InvoiceLine, MeteredRecord, Period, Report
+from rules.models import InvoiceLine, MeteredRecord, Period, RawAggregate, Report
 from rules.periods import infer_periods, label_for
 from rules.reconcile import CALCULATION_VERSION, reconcile, run_id_for, without_cyclic_gc
 from rules.report import report_head, report_json, report_lines
@@ -58,14 +58,17 @@ def reconcile_files(
     store the run unless it is stored already."""
     raw = RawEventsFile(sources.raw)
     billing = FileBilling(sources.metered, sources.invoiced)
-    with without_cyclic_gc(), ThreadPoolExecutor(max_workers=1) as pool:
-        # Hashing the inputs overlaps with DuckDB's scan instead of adding to it.
+    with without_cyclic_gc(), ThreadPoolExecutor(max_workers=2) as pool:
+        # Hashing the inputs overlaps with DuckDB's scan instead of adding to it; with the
+        # periods given, the scan itself overlaps with reading the billing side.
         fingerprints = pool.submit(lambda: {"raw": raw.fingerprint(), "billing": billing.fingerprint()})
+        scan = pool.submit(_aggregate, config, raw, periods, progress) if periods is not None else None
         records = Records(list(billing.metered()), list(billing.invoiced()))
         if periods is None:
             spans = {(r.period_start, r.period_end) for r in (*records.metered, *records.lines)}
             periods = infer_periods(spans, config.period.zone)
-        return _reconcile(config, raw, records, periods, fingerprints.result, store, customers, progress)
+        scanned = scan.result if scan is not None else None
+        return _reconcile(config, raw, records, periods, fingerprints.result, store, customers, progress, scanned)
 
 
 def reconcile_platform(
@@ -113,9 +116,11 @@ def _reconcile(
     store: Store | None,
     customers: frozenset[str],
     progress: Callable[..., Any] | None,
+    scanned: Callable[[], list[RawAggregate]] | None = None,
 ) -> RunResult:
+    """`scanned`, when given, returns the raw aggregates of a scan already under way."""
     timeline = build_timeline(periods, config.meters, config.period.grace)
-    aggregates = raw.aggregate(timeline, config.evidence_limit, config.period.timezone, progress)
+    aggregates = scanned() if scanned is not None else _aggregate(config, raw, periods, progress)
     inputs = fingerprints()
     run_id = run_id_for(config.fingerprint, inputs, periods, customers)
     # The join takes the records one by one, so each can be freed once it is read; the
@@ -128,6 +133,13 @@ def _reconcile(
     if store is not None:
         stored = save(store, {**head, "lines": report_lines(report)}, config, inputs, periods, customers)
     return RunResult(head=head, verdicts=report, stored=stored)
+
+
+def _aggregate(
+    config: Config, raw: RawEventsFile, periods: tuple[Period, ...], progress: Callable[..., Any] | None
+) -> list[RawAggregate]:
+    timeline = build_timeline(periods, config.meters, config.period.grace)
+    return raw.aggregate(timeline, config.evidence_limit, config.period.timezone, progress)
 
 
 def _drain(items: list[Any]) -> Iterator[Any]:
