@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
 import signal
@@ -21,7 +22,7 @@ from bot import render
 from bot.config import Settings, SettingsError
 from bot.handlers import NotConfigured
 from bot.schedule import configured_platform, enqueue_close
-from bot.service import SourcePaths, reconcile_files, reconcile_platform
+from bot.service import RunResult, SourcePaths, reconcile_files, reconcile_platform
 from bot.store import Store, StoreError
 from connectors.base import InputError, InvoiceBilling
 from rules.config import Config, ConfigError, Schedule, parse_config
@@ -116,7 +117,7 @@ def reconcile(
         raw_path = resolve_raw(config, config_path, raw)
         connector = platform_connector(settings, config, platform)
         result = reconcile_platform(config, raw_path, connector, periods, store, frozenset(customers), progress_bar())
-    write_report(result.report, fmt, out, show_all)
+    write_report(result, fmt, out, show_all)
     if route:
         from bot.runtime import build_router
 
@@ -188,19 +189,20 @@ def resolve_sources(
     return SourcePaths(**chosen)
 
 
-def write_report(report: dict[str, Any], fmt: str, out: Path | None, show_all: bool = False) -> None:
+def write_report(result: RunResult, fmt: str, out: Path | None, show_all: bool = False) -> None:
+    """The report as a table, or as JSON or CSV written line by line (never whole in memory)."""
     if fmt == "table":
         if out:
             with out.open("w", encoding="utf-8") as handle:
-                render.print_table(report, render.console(handle), show_all)
+                render.print_table(result.report, render.console(handle), show_all)
         else:
-            render.print_table(report, render.console(), show_all)
+            render.print_table(result.report, render.console(), show_all)
         return
-    text = render.as_json(report) if fmt == "json" else render.as_csv(report)
-    if out:
-        out.write_text(text, encoding="utf-8")
-    else:
-        sys.stdout.write(text)
+    with out.open("w", encoding="utf-8") if out else contextlib.nullcontext(sys.stdout) as handle:
+        if fmt == "json":
+            render.write_json(result.head, result.lines(), handle)
+        else:
+            render.write_csv(result.lines(), handle)
 
 
 def progress_bar() -> Callable[[duckdb.DuckDBPyConnection, threading.Event], None] | None:

@@ -5,8 +5,10 @@ from __future__ import annotations
 import csv
 import io
 import json
-from typing import Any
+from collections.abc import Iterable
+from typing import Any, TextIO
 
+import orjson
 from rich.console import Console
 from rich.table import Table
 
@@ -29,16 +31,48 @@ def console(file: Any = None) -> Console:
     return target if target.is_terminal else Console(file=file, width=180)
 
 
+def json_text(value: Any) -> str:
+    """`value` as JSON indented by two spaces, non-ASCII kept: the bytes of
+    `json.dumps(value, indent=2, ensure_ascii=False)`, made by orjson."""
+    try:
+        return orjson.dumps(value, option=orjson.OPT_INDENT_2).decode()
+    except orjson.JSONEncodeError:  # e.g. a lone surrogate, which only `json` writes
+        return json.dumps(value, indent=2, ensure_ascii=False)
+
+
 def as_json(report: dict[str, Any]) -> str:
-    return json.dumps(report, indent=2, ensure_ascii=False) + "\n"
+    buffer = io.StringIO()
+    write_json({k: v for k, v in report.items() if k != "lines"}, report["lines"], buffer)
+    return buffer.getvalue()
+
+
+_NO_LINES = '"lines": []\n}'
+
+
+def write_json(head: dict[str, Any], lines: Iterable[dict[str, Any]], out: TextIO) -> None:
+    """The report (`head` then `"lines"`) as `as_json` writes it, one line at a time: the
+    whole text is never held in memory."""
+    text = json_text({**head, "lines": []})
+    assert text.endswith(_NO_LINES)
+    out.write(text[: -len("[]\n}")])
+    opening = "[\n    "
+    for line in lines:
+        out.write(opening)
+        out.write(json_text(line).replace("\n", "\n    "))  # newlines are only indentation
+        opening = ",\n    "
+    out.write("[]\n}\n" if opening.startswith("[") else "\n  ]\n}\n")
 
 
 def as_csv(report: dict[str, Any]) -> str:
     buffer = io.StringIO()
-    writer = csv.writer(buffer, lineterminator="\n")
-    writer.writerow(CSV_COLUMNS)
-    writer.writerows(csv_row(line) for line in report["lines"])
+    write_csv(report["lines"], buffer)
     return buffer.getvalue()
+
+
+def write_csv(lines: Iterable[dict[str, Any]], out: TextIO) -> None:
+    writer = csv.writer(out, lineterminator="\n")
+    writer.writerow(CSV_COLUMNS)
+    writer.writerows(csv_row(line) for line in lines)
 
 
 def print_table(report: dict[str, Any], console: Console, show_matches: bool = False) -> None:

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, replace
 from decimal import Decimal
@@ -15,10 +15,10 @@ from connectors.base import InvoiceBilling, period_records
 from connectors.files import FileBilling, RawEventsFile
 from rules.config import Config
 from rules.match import Joined
-from rules.models import InvoiceLine, MeteredRecord, Period
+from rules.models import InvoiceLine, MeteredRecord, Period, RawAggregate, Report
 from rules.periods import infer_periods, label_for
-from rules.reconcile import CALCULATION_VERSION, reconcile, run_id_for
-from rules.report import report_json
+from rules.reconcile import CALCULATION_VERSION, reconcile, run_id_for, without_cyclic_gc
+from rules.report import report_head, report_json, report_lines
 from rules.timeline import build_timeline
 
 
@@ -31,8 +31,19 @@ class SourcePaths:
 
 @dataclass(frozen=True)
 class RunResult:
-    report: dict[str, Any]
+    """A run's report: `head` (run id, period, summary) and its verdicts, whose lines
+    `lines()` makes one at a time; `report` is the whole document in memory."""
+
+    head: dict[str, Any]
+    verdicts: Report
     stored: bool
+
+    def lines(self) -> Iterator[dict[str, Any]]:
+        return report_lines(self.verdicts)
+
+    @property
+    def report(self) -> dict[str, Any]:
+        return {**self.head, "lines": list(self.lines())}
 
 
 def reconcile_files(
@@ -47,14 +58,17 @@ def reconcile_files(
     store the run unless it is stored already."""
     raw = RawEventsFile(sources.raw)
     billing = FileBilling(sources.metered, sources.invoiced)
-    with ThreadPoolExecutor(max_workers=1) as pool:
-        # Hashing the inputs overlaps with DuckDB's scan instead of adding to it.
+    with without_cyclic_gc(), ThreadPoolExecutor(max_workers=2) as pool:
+        # Hashing the inputs overlaps with DuckDB's scan instead of adding to it; with the
+        # periods given, the scan itself overlaps with reading the billing side.
         fingerprints = pool.submit(lambda: {"raw": raw.fingerprint(), "billing": billing.fingerprint()})
-        metered, lines = list(billing.metered()), list(billing.invoiced())
+        scan = pool.submit(_aggregate, config, raw, periods, progress) if periods is not None else None
+        records = Records(list(billing.metered()), list(billing.invoiced()))
         if periods is None:
-            spans = {(r.period_start, r.period_end) for r in (*metered, *lines)}
+            spans = {(r.period_start, r.period_end) for r in (*records.metered, *records.lines)}
             periods = infer_periods(spans, config.period.zone)
-        return _reconcile(config, raw, metered, lines, periods, fingerprints.result, store, customers, progress)
+        scanned = scan.result if scan is not None else None
+        return _reconcile(config, raw, records, periods, fingerprints.result, store, customers, progress, scanned)
 
 
 def reconcile_platform(
@@ -80,30 +94,59 @@ def reconcile_platform(
     def fingerprints() -> dict[str, str]:
         return {"raw": raw.fingerprint(), "billing": f"{billing.provider}:{digest}"}
 
-    return _reconcile(config, raw, metered, lines, periods, fingerprints, store, customers, progress)
+    with without_cyclic_gc():
+        return _reconcile(config, raw, Records(metered, lines), periods, fingerprints, store, customers, progress)
+
+
+@dataclass
+class Records:
+    """The billing side's records, handed over to `_reconcile`, which lets go of them once
+    they are judged (the caller keeps no other reference)."""
+
+    metered: list[MeteredRecord]
+    lines: list[InvoiceLine]
 
 
 def _reconcile(
     config: Config,
     raw: RawEventsFile,
-    metered: list[MeteredRecord],
-    lines: list[InvoiceLine],
+    records: Records,
     periods: tuple[Period, ...],
     fingerprints: Callable[[], dict[str, str]],
     store: Store | None,
     customers: frozenset[str],
     progress: Callable[..., Any] | None,
+    scanned: Callable[[], list[RawAggregate]] | None = None,
 ) -> RunResult:
+    """`scanned`, when given, returns the raw aggregates of a scan already under way."""
     timeline = build_timeline(periods, config.meters, config.period.grace)
-    aggregates = raw.aggregate(timeline, config.evidence_limit, config.period.timezone, progress)
+    aggregates = scanned() if scanned is not None else _aggregate(config, raw, periods, progress)
     inputs = fingerprints()
     run_id = run_id_for(config.fingerprint, inputs, periods, customers)
-    report, joined = reconcile(config, timeline, aggregates, metered, lines, run_id, customers)
-    document = report_json(report, _scope(joined))
+    # The join takes the records one by one, so each can be freed once it is read; the
+    # invoice lines stay with their keys until judged.
+    report, joined = reconcile(
+        config, timeline, _drain(aggregates), _drain(records.metered), _drain(records.lines), run_id, customers
+    )
+    head = report_head(report, _scope(joined))
     stored = False
     if store is not None:
-        stored = save(store, document, config, inputs, periods, customers)
-    return RunResult(report=document, stored=stored)
+        stored = save(store, {**head, "lines": report_lines(report)}, config, inputs, periods, customers)
+    return RunResult(head=head, verdicts=report, stored=stored)
+
+
+def _aggregate(
+    config: Config, raw: RawEventsFile, periods: tuple[Period, ...], progress: Callable[..., Any] | None
+) -> list[RawAggregate]:
+    timeline = build_timeline(periods, config.meters, config.period.grace)
+    return raw.aggregate(timeline, config.evidence_limit, config.period.timezone, progress)
+
+
+def _drain(items: list[Any]) -> Iterator[Any]:
+    """The items in order, each removed from `items` as it is given."""
+    items.reverse()
+    while items:
+        yield items.pop()
 
 
 def event_run_id(provider: str, event_id: str) -> str:
@@ -158,7 +201,7 @@ def reconcile_invoice(
     )
     document = report_json(report, _scope(joined))
     store.save_run(record, document["summary"], document["lines"])
-    store.recheck_watchlist(run_id, document["lines"], config.period.escalate_after)
+    store.recheck_watchlist(run_id, config.period.escalate_after)
     if records.status == "draft":
         hold_if_material(config.platforms.get(provider, {}), billing, invoice_id, run_id, document["lines"])
     return run_id
@@ -209,5 +252,5 @@ def save(
         customer_id=next(iter(customers)) if len(customers) == 1 else None,
     )
     stored = store.save_run(record, document["summary"], document["lines"])
-    store.recheck_watchlist(record.run_id, document["lines"], config.period.escalate_after)
+    store.recheck_watchlist(record.run_id, config.period.escalate_after)
     return stored

@@ -16,10 +16,12 @@ transaction with the version it reaches, when any process opens the store.
 from __future__ import annotations
 
 import json
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any
+
+import orjson
 
 from bot.database import Backend, DatabaseError, open_backend
 
@@ -139,7 +141,7 @@ class Store:
 
     # -- runs -------------------------------------------------------------------
 
-    def save_run(self, record: RunRecord, summary: dict[str, Any], lines: list[dict[str, Any]]) -> bool:
+    def save_run(self, record: RunRecord, summary: dict[str, Any], lines: Iterable[dict[str, Any]]) -> bool:
         """Store a finished run with its lines and discrepancies; False if it was already done.
 
         A run started earlier (`start_run`) and cut short is completed under the same id.
@@ -166,7 +168,7 @@ class Store:
         row = self.backend.one("SELECT status FROM runs WHERE run_id = ?", [run_id])
         return row[0] if row else None
 
-    def _insert_run(self, record: RunRecord, summary: dict[str, Any], lines: list[dict[str, Any]]) -> bool:
+    def _insert_run(self, record: RunRecord, summary: dict[str, Any], lines: Iterable[dict[str, Any]]) -> bool:
         summary_text = json.dumps(summary, sort_keys=True)
         with self.backend.transaction():
             if self.run_status(record.run_id) is not None:
@@ -187,14 +189,30 @@ class Store:
                     f"INSERT INTO runs ({RUN_COLUMNS}) VALUES (?, 'done', ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
                     [record.run_id, now(), *_run_values(record), summary_text],
                 )
-            self.backend.executemany(
-                """INSERT INTO run_lines (run_id, position, customer_id, meter, period, class, line)
-                   VALUES (?, ?, ?, ?, ?, ?, ?)""",
-                [_line_row(record.run_id, position, line) for position, line in enumerate(lines)],
-            )
-            self._record_discrepancies(record.run_id, lines)
-            self._watch(record.run_id, lines)
+            self._insert_lines(record.run_id, lines)
         return True
+
+    def _insert_lines(self, run_id: str, lines: Iterable[dict[str, Any]]) -> None:
+        """The run's lines in one pass (they may be made one at a time), then its discrepancies
+        and timing items, in the order of the lines."""
+        breaks: list[dict[str, Any]] = []
+        timing: list[dict[str, Any]] = []
+
+        def rows() -> Iterator[tuple[Any, ...]]:
+            for position, line in enumerate(lines):
+                if line["class"] != "match":
+                    breaks.append(line)
+                if line["class"] == "timing" or line["evidence"]["clears"]:
+                    timing.append(line)
+                yield _line_row(run_id, position, line)
+
+        self.backend.executemany(
+            """INSERT INTO run_lines (run_id, position, customer_id, meter, period, class, line)
+               VALUES (?, ?, ?, ?, ?, ?, ?)""",
+            rows(),
+        )
+        self._record_discrepancies(run_id, breaks)
+        self._watch(run_id, timing)
 
     def _record_discrepancies(self, run_id: str, lines: list[dict[str, Any]]) -> None:
         rows = [
@@ -417,47 +435,50 @@ class Store:
     # -- routing: watch-list re-checks and the lines routing reads -------------------
     # Portable SQL only (`?` placeholders, ON CONFLICT, ISO text times): SQLite and PostgreSQL.
 
-    def recheck_watchlist(self, run_id: str, lines: list[dict[str, Any]], escalate_after: int) -> list[dict[str, Any]]:
+    def recheck_watchlist(self, run_id: str, escalate_after: int) -> list[dict[str, Any]]:
         """Count a cycle on each open timing item of a key this run saw in a later period without
         clearing it; escalate the items that reach `escalate_after` cycles. Returns those escalated now.
 
-        A cycle is one later period: re-running the same period counts once."""
+        A cycle is one later period: re-running the same period counts once. The open items
+        are few; the run's lines are found through the run_lines index, not read back."""
         escalated = []
         with self.backend.transaction():
-            for line in lines:
-                customer, meter, seen = line["customer_id"], line["meter"], line["period"]
-                items = self.backend.query(
-                    """SELECT period FROM watchlist
-                       WHERE customer_id = ? AND meter = ? AND status = 'open' AND period < ?""",
-                    [customer, meter, seen],
+            seen_later = self.backend.query(
+                """SELECT w.customer_id, w.meter, w.period, l.period AS seen
+                   FROM watchlist w JOIN run_lines l
+                     ON l.customer_id = w.customer_id AND l.meter = w.meter AND l.period > w.period
+                   WHERE w.status = 'open' AND l.run_id = ?
+                   ORDER BY w.customer_id, w.meter, w.period, l.period""",
+                [run_id],
+            )
+            for found in seen_later:
+                customer, meter, period, seen = found["customer_id"], found["meter"], found["period"], found["seen"]
+                self.backend.execute(
+                    """INSERT INTO watch_checks (customer_id, meter, period, checked_period, run_id, checked_at)
+                       VALUES (?, ?, ?, ?, ?, ?)
+                       ON CONFLICT (customer_id, meter, period, checked_period) DO NOTHING""",
+                    [customer, meter, period, seen, run_id, now()],
                 )
-                for period in (item["period"] for item in items):
-                    self.backend.execute(
-                        """INSERT INTO watch_checks (customer_id, meter, period, checked_period, run_id, checked_at)
-                           VALUES (?, ?, ?, ?, ?, ?)
-                           ON CONFLICT (customer_id, meter, period, checked_period) DO NOTHING""",
-                        [customer, meter, period, seen, run_id, now()],
-                    )
-                    counted = self.backend.one(
-                        "SELECT count(*) FROM watch_checks WHERE customer_id = ? AND meter = ? AND period = ?",
-                        [customer, meter, period],
-                    )
-                    cycles = int(counted[0]) if counted else 0
-                    escalate = cycles >= escalate_after
-                    changed = self.backend.execute(
-                        """UPDATE watchlist SET cycles = ?, status = ?, escalated_by = ?
-                           WHERE customer_id = ? AND meter = ? AND period = ? AND status = 'open'""",
-                        [
-                            cycles,
-                            "escalated" if escalate else "open",
-                            run_id if escalate else None,
-                            customer,
-                            meter,
-                            period,
-                        ],
-                    )
-                    if escalate and changed == 1:
-                        escalated.append({"customer_id": customer, "meter": meter, "period": period, "cycles": cycles})
+                counted = self.backend.one(
+                    "SELECT count(*) FROM watch_checks WHERE customer_id = ? AND meter = ? AND period = ?",
+                    [customer, meter, period],
+                )
+                cycles = int(counted[0]) if counted else 0
+                escalate = cycles >= escalate_after
+                changed = self.backend.execute(
+                    """UPDATE watchlist SET cycles = ?, status = ?, escalated_by = ?
+                       WHERE customer_id = ? AND meter = ? AND period = ? AND status = 'open'""",
+                    [
+                        cycles,
+                        "escalated" if escalate else "open",
+                        run_id if escalate else None,
+                        customer,
+                        meter,
+                        period,
+                    ],
+                )
+                if escalate and changed == 1:
+                    escalated.append({"customer_id": customer, "meter": meter, "period": period, "cycles": cycles})
         return escalated
 
     def escalated_in(self, run_id: str) -> list[dict[str, Any]]:
@@ -643,15 +664,19 @@ def _first_invoice(line: dict[str, Any]) -> str | None:
 
 
 def _line_row(run_id: str, position: int, line: dict[str, Any]) -> tuple[Any, ...]:
-    return (
-        run_id,
-        position,
-        line["customer_id"],
-        line["meter"],
-        line["period"],
-        line["class"],
-        json.dumps(line, separators=(",", ":")),
-    )
+    return (run_id, position, line["customer_id"], line["meter"], line["period"], line["class"], _line_text(line))
+
+
+def _line_text(line: dict[str, Any]) -> str:
+    """The line as compact JSON with non-ASCII escaped: `json.dumps(line, separators=(",", ":"))`,
+    by orjson when the text is ASCII anyway."""
+    try:
+        text = orjson.dumps(line)
+    except orjson.JSONEncodeError:
+        text = b"\x80"  # not ASCII: fall through to json
+    if text.isascii():
+        return text.decode()
+    return json.dumps(line, separators=(",", ":"))
 
 
 def _schema_1(db: Backend) -> None:

@@ -16,6 +16,7 @@ from collections.abc import Callable, Iterator
 from datetime import datetime
 from decimal import Decimal
 from pathlib import Path
+from sys import intern
 from typing import Any
 
 import duckdb
@@ -144,6 +145,10 @@ class FileBilling:
             return
         table = self.metered_file
         table.require(METERED_COLUMNS)
+        parsed = _parse_all(table, METERED_COLUMNS, _metered_record)
+        if parsed is not None:
+            yield from parsed
+            return
         field = _FieldReader(table)
         for index, row in table.text_rows(METERED_COLUMNS):
             values = dict(zip(METERED_COLUMNS, row, strict=True))
@@ -160,6 +165,10 @@ class FileBilling:
             return
         table = self.invoiced_file
         table.require(INVOICED_COLUMNS)
+        parsed = _parse_all(table, INVOICED_COLUMNS, _invoice_line)
+        if parsed is not None:
+            yield from parsed
+            return
         field = _FieldReader(table)
         for index, row in table.text_rows(INVOICED_COLUMNS):
             values = dict(zip(INVOICED_COLUMNS, row, strict=True))
@@ -180,6 +189,88 @@ class FileBilling:
                 currency=field.text(values, "currency", index).lower(),
                 kind=kind,
             )
+
+
+# Names that repeat across records (customer, meter, currency, kind) are interned: one
+# string per name instead of one per record.
+
+
+class _Unsure(Exception):
+    """A value the quick reading does not accept; the field-by-field reading decides."""
+
+
+def _parse_all(table: TableFile, columns: tuple[str, ...], make: Callable[..., Any]) -> list[Any] | None:
+    """Every row as a record by `make`, read in bulk with the same parsing as the
+    field-by-field reading below; None at the first doubtful value, so that the slow
+    reading names its file, line and field."""
+    instants: dict[str | None, datetime] = {}
+
+    def instant(text: str | None) -> datetime:
+        moment = instants.get(text)
+        if moment is None:
+            value = (text or "").strip()
+            moment = parse_instant(value) if value else None
+            if moment is None:
+                raise _Unsure
+            instants[text] = moment
+        return moment
+
+    records: list[Any] = []
+    try:
+        cursor = table.con.execute(
+            f"SELECT {', '.join(f'CAST({_ident(c)} AS VARCHAR)' for c in columns)} FROM {table.relation(columns)}"
+        )
+        while batch := cursor.fetchmany(50_000):
+            records.extend(make(row, instant) for row in batch)
+    except duckdb.Error as exc:
+        raise InputError(f"{table.path}: cannot be read: {_first_line(exc)}") from None
+    except _Unsure:
+        return None
+    return records
+
+
+def _required(value: str | None) -> str:
+    text = (value or "").strip()
+    if not text:
+        raise _Unsure
+    return text
+
+
+def _number(value: str | None) -> Decimal:
+    number = parse_decimal(value) if value else None
+    if number is None:
+        raise _Unsure
+    return number
+
+
+def _metered_record(row: tuple[str | None, ...], instant: Callable[[str | None], datetime]) -> MeteredRecord:
+    customer, meter, start, end, quantity = row
+    return MeteredRecord(
+        customer_id=intern((customer or "").strip()),
+        meter=intern(_required(meter)),
+        period_start=instant(start),
+        period_end=instant(end),
+        quantity=_number(quantity),
+    )
+
+
+def _invoice_line(row: tuple[str | None, ...], instant: Callable[[str | None], datetime]) -> InvoiceLine:
+    invoice, line, customer, meter, start, end, quantity, amount, currency, kind = row
+    kind = _required(kind)
+    if kind not in KINDS:
+        raise _Unsure
+    return InvoiceLine(
+        invoice_id=_required(invoice),
+        line_id=_required(line),
+        customer_id=intern((customer or "").strip()),
+        meter=intern((meter or "").strip()),
+        period_start=instant(start),
+        period_end=instant(end),
+        quantity=_number(quantity),
+        amount=_number(amount),
+        currency=intern(_required(currency).lower()),
+        kind=intern(kind),
+    )
 
 
 class _FieldReader:
@@ -286,9 +377,9 @@ def _event_columns(types: dict[str, str]) -> dict[str, str]:
     """The SQL expression of each parsed column, by the file's column type."""
     received = "received_at" in types
     return {
-        "event_id": "NULLIF(trim(CAST(event_id AS VARCHAR)), '')",
-        "customer_id": "NULLIF(trim(CAST(customer_id AS VARCHAR)), '')",
-        "meter": "NULLIF(trim(CAST(meter AS VARCHAR)), '')",
+        "event_id": _trimmed("event_id"),
+        "customer_id": _trimmed("customer_id"),
+        "meter": _trimmed("meter"),
         "ts": _instant_sql("timestamp", types["timestamp"]),
         "rcv": _instant_sql("received_at", types["received_at"]) if received else "NULL::TIMESTAMPTZ",
         "qty": _decimal_sql("quantity", types["quantity"]),
@@ -296,6 +387,11 @@ def _event_columns(types: dict[str, str]) -> dict[str, str]:
         "received_at_text": "CAST(received_at AS VARCHAR)" if received else "NULL::VARCHAR",
         "quantity_text": "CAST(quantity AS VARCHAR)",
     }
+
+
+def _trimmed(column: str) -> str:
+    """A text column trimmed, NULL when empty."""
+    return f"NULLIF(trim(CAST({column} AS VARCHAR)), '')"
 
 
 def _select_events(columns: dict[str, str]) -> str:
@@ -323,57 +419,77 @@ def aggregate_sql(relation: str, types: dict[str, str], timeline: Timeline, evid
     segment = _bucket("ts", [s.end for s in timeline.segments], timeline.start)
     window = _window("rcv", timeline)
     limit = max(evidence_limit, 0)
+    # Each row's text is parsed once. Ids seen more than once are found by their hash on the
+    # bare event_id column; the rows whose id hash is unique (nearly all) and the few others
+    # are then parsed on separate paths, the latter deduplicated by their exact id. A hash
+    # collision only sends a row down the exact path, so the result does not depend on it.
+    id_hash = f"hash({_trimmed('f.event_id')})"
+    parsed = f"SELECT *, {bad} AS bad FROM (SELECT {_select_events(columns)} FROM ROWS)"
     return f"""
-    WITH src AS NOT MATERIALIZED (
-        SELECT *, {bad} AS bad FROM (SELECT {_select_events(columns)} FROM {relation})
+    WITH dup_ids AS MATERIALIZED (
+        SELECT h FROM (SELECT {id_hash} AS h FROM {relation} AS f WHERE {_trimmed("f.event_id")} IS NOT NULL)
+        GROUP BY h HAVING count(*) > 1
     ),
-    dup_ids AS (
-        SELECT event_id FROM src WHERE event_id IS NOT NULL GROUP BY event_id HAVING count(*) > 1
+    single AS (
+        {parsed.replace("ROWS", f"{relation} AS f ANTI JOIN dup_ids ON {id_hash} = dup_ids.h")}
+    ),
+    copies AS (
+        {parsed.replace("ROWS", f"{relation} AS f SEMI JOIN dup_ids ON {id_hash} = dup_ids.h")}
     ),
     dup_rows AS (
-        SELECT src.*,
+        SELECT copies.*,
             row_number() OVER (same_id ORDER BY coalesce(rcv, ts), qty, customer_id, meter, ts) AS copy,
             count(*) OVER same_id AS copies,
             min(qty) OVER same_id <> max(qty) OVER same_id AS conflict
-        FROM src SEMI JOIN dup_ids USING (event_id)
+        FROM copies
         WINDOW same_id AS (PARTITION BY event_id)
     ),
     events AS (
-        SELECT *, 1 AS copies, false AS conflict FROM src ANTI JOIN dup_ids USING (event_id)
+        SELECT *, 1 AS copies, false AS conflict FROM single
         UNION ALL
         SELECT * EXCLUDE (copy) FROM dup_rows WHERE copy = 1 OR bad IS NOT NULL
     ),
     placed AS (
-        SELECT *, {period} AS period_no, {segment} AS segment_no, {window} AS window_no
-        FROM events
-        WHERE bad IS NOT NULL
-           OR (ts >= {start} AND ts < {end})
-           OR (ts < {start} AND rcv > {first_window} AND rcv <= {last_window})
+        -- Rows outside the run (neither in its periods nor late for its first one) fall in a
+        -- segment of their own, dropped after the sums: a WHERE here would be pushed down and
+        -- parse every row a second time.
+        SELECT *, {period} AS period_no, CASE WHEN keep THEN {segment} ELSE -2 END AS segment_no,
+            {window} AS window_no
+        FROM (
+            SELECT *, (bad IS NOT NULL
+                OR (ts >= {start} AND ts < {end})
+                OR (ts < {start} AND rcv > {first_window} AND rcv <= {last_window})) AS keep
+            FROM events
+        )
     ),
     flagged AS (
         SELECT *, CASE WHEN window_no > period_no THEN window_no END AS receiving FROM placed
     )
-    SELECT
-        customer_id, meter, segment_no, receiving,
-        sum(qty)::VARCHAR AS quantity,
-        count(*) AS events,
-        list_slice(list(event_id ORDER BY event_id) FILTER (WHERE receiving IS NOT NULL), 1, {limit}) AS late_ids,
-        list_slice(list(event_id ORDER BY event_id) FILTER (WHERE copies > 1), 1, {limit}) AS dup_ids,
-        coalesce(sum(copies - 1), 0) AS dropped_copies,
-        count(*) FILTER (WHERE conflict) AS conflicts,
-        list(DISTINCT strftime(timezone({_quote_literal(zone)}, ts), '%Y-%m'))
-            FILTER (WHERE segment_no = -1) AS origins,
-        bool_or(bad IS NOT NULL) AS has_bad
-    FROM flagged
-    GROUP BY customer_id, meter, segment_no, receiving
+    SELECT * EXCLUDE (kept) FROM (
+        SELECT
+            customer_id, meter, segment_no, receiving,
+            sum(qty)::VARCHAR AS quantity,
+            count(*) AS events,
+            list_slice(list(event_id ORDER BY event_id) FILTER (WHERE receiving IS NOT NULL), 1, {limit}) AS late_ids,
+            list_slice(list(event_id ORDER BY event_id) FILTER (WHERE copies > 1), 1, {limit}) AS dup_ids,
+            coalesce(sum(copies - 1), 0) AS dropped_copies,
+            count(*) FILTER (WHERE conflict) AS conflicts,
+            list_distinct(list(strftime(timezone({_quote_literal(zone)}, ts), '%Y-%m'))
+                FILTER (WHERE segment_no = -1)) AS origins,
+            bool_or(bad IS NOT NULL) AS has_bad,
+            bool_or(keep) AS kept
+        FROM flagged
+        GROUP BY customer_id, meter, segment_no, receiving
+    ) WHERE kept
+    ORDER BY customer_id, meter, segment_no, receiving  -- the report's order, so sorting it is cheap
     """
 
 
 def _raw_aggregate(row: tuple[Any, ...]) -> RawAggregate:
     customer, meter, segment, receiving, quantity, events, late, dups, dropped, conflicts, origins, _ = row
     return RawAggregate(
-        customer_id=customer,
-        meter=meter,
+        customer_id=intern(customer),
+        meter=intern(meter),
         segment=None if segment is None or segment < 0 else segment,
         receiving=receiving,
         quantity=Decimal(quantity).normalize() if quantity is not None else Decimal(0),

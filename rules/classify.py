@@ -19,11 +19,11 @@ from decimal import Decimal
 from rules.config import Meter, PlanChange
 from rules.match import ZERO, KeyFacts
 from rules.models import Evidence, InvoiceLine, Period, ReconLine, TimingRef
-from rules.pricing import Pricing, billable_units, minor_exponent, price, round_money
+from rules.pricing import Pricing, billable_units, minor_unit, price, round_money
 from rules.timeline import Segment
 
 
-@dataclass(frozen=True)
+@dataclass(slots=True)
 class Units:
     """A key's quantities in billable units."""
 
@@ -37,7 +37,7 @@ class Units:
     without_catchup: Decimal  # the same if the catch-up is not billed yet
 
 
-@dataclass(frozen=True)
+@dataclass(slots=True)
 class Reading:
     """Which expectation the records agree with, if any."""
 
@@ -47,7 +47,7 @@ class Reading:
     break_at: str = "none"
 
 
-@dataclass(frozen=True)
+@dataclass(slots=True)
 class Terms:
     """The customer's plan for the period: terms at its start, and changes inside it."""
 
@@ -56,7 +56,7 @@ class Terms:
     changes: tuple[PlanChange, ...]
 
 
-@dataclass(frozen=True)
+@dataclass(slots=True)
 class Money:
     expected: Decimal  # the price of the incurred units over the included ones
     usage: Decimal  # what the usage and proration lines charge
@@ -70,8 +70,9 @@ def judge(
 ) -> ReconLine:
     if meter is None or not facts.customer_id:
         return _unmapped(facts, meter, period, evidence_limit, None)
-    foreign = sorted({ln.currency for ln in facts.lines} - {meter.currency})
+    foreign = [ln.currency for ln in facts.lines if ln.currency != meter.currency]
     if foreign:
+        foreign = sorted(set(foreign))
         why = f"invoice lines in {', '.join(foreign)}, the meter is priced in {meter.currency}"
         return _unmapped(facts, meter, period, evidence_limit, why)
     terms = _terms(meter, period, facts.customer_id)
@@ -126,7 +127,7 @@ def _money(
     units: Units,
     usage: list[InvoiceLine],
 ) -> Money:
-    expected = _expected_amount(facts, meter, period, terms, segments)
+    expected = _expected_amount(facts, meter, period, terms, segments, units)
     if terms.changes:
         priced = expected
     else:
@@ -136,7 +137,7 @@ def _money(
         usage=sum((ln.amount for ln in usage), ZERO),
         adjustments=sum((ln.amount for ln in facts.lines if ln.kind in ("credit", "adjustment")), ZERO),
         priced=priced,
-        drift=Decimal(max(len(usage) - 1, 0)).scaleb(-minor_exponent(meter.currency)),
+        drift=(len(usage) - 1) * minor_unit(meter.currency) if len(usage) > 1 else ZERO,
     )
 
 
@@ -144,17 +145,23 @@ def _units(facts: KeyFacts, meter: Meter) -> Units:
     def convert(raw: Decimal) -> Decimal:
         return billable_units(raw, meter.unit_size, meter.rounding, meter.precision)
 
+    # Billable units depend on the raw quantity's value only, so a conversion of the same
+    # value is reused (most keys have no late events, no catch-up, and the meter agrees).
     raw = convert(facts.raw)
-    own_on_time = convert(facts.raw - facts.late)
-    on_time = convert(facts.raw - facts.late + facts.catchup)
+    own_on_time = convert(facts.raw - facts.late) if facts.late else raw
+    on_time = convert(facts.raw - facts.late + facts.catchup) if facts.catchup else own_on_time
+    if facts.metered is None:
+        metered = ZERO
+    else:
+        metered = raw if facts.metered == facts.raw else convert(facts.metered)
     return Units(
         raw=raw,
         late=raw - own_on_time,
         catchup=on_time - own_on_time,
-        metered=convert(facts.metered) if facts.metered is not None else ZERO,
+        metered=metered,
         invoiced=sum((ln.quantity for ln in facts.lines if ln.kind in ("usage", "proration")), ZERO),
         on_time=on_time,
-        with_late=convert(facts.raw + facts.catchup),
+        with_late=convert(facts.raw + facts.catchup) if facts.catchup else raw,
         without_catchup=own_on_time,
     )
 
@@ -199,6 +206,8 @@ def _applies(change: PlanChange, customer: str) -> bool:
 
 def _terms(meter: Meter, period: Period, customer: str) -> Terms:
     """The terms in force at the period's start, and the customer's changes inside it."""
+    if not meter.plan:
+        return Terms(meter.included, meter.pricing, ())
     included, pricing = _terms_at(meter, period.start, customer)
     changes = tuple(c for c in meter.plan if period.start < c.effective < period.end and _applies(c, customer))
     return Terms(included, pricing, changes)
@@ -227,12 +236,11 @@ def _included(meter: Meter, period: Period, terms: Terms, customer: str) -> Deci
 
 
 def _expected_amount(
-    facts: KeyFacts, meter: Meter, period: Period, terms: Terms, segments: dict[int, Segment]
+    facts: KeyFacts, meter: Meter, period: Period, terms: Terms, segments: dict[int, Segment], units: Units
 ) -> Decimal:
     """The price of the incurred units over the included ones, prorated across plan changes."""
     if not terms.changes:
-        units = billable_units(facts.raw, meter.unit_size, meter.rounding, meter.precision)
-        return round_money(price(terms.pricing, units - terms.included), meter.currency)
+        return round_money(price(terms.pricing, units.raw - terms.included), meter.currency)
     length = Decimal((period.end - period.start).total_seconds())
     total = ZERO
     for index, segment in segments.items():
@@ -240,7 +248,8 @@ def _expected_amount(
             continue
         included, pricing = _terms_at(meter, segment.start, facts.customer_id)
         share = Decimal((segment.end - segment.start).total_seconds()) / length
-        units = billable_units(facts.segment_raw.get(index, ZERO), meter.unit_size, meter.rounding, meter.precision)
+        raw = (facts.segment_raw or {}).get(index, ZERO)
+        units = billable_units(raw, meter.unit_size, meter.rounding, meter.precision)
         total += price(pricing, units - included * share)
     return round_money(total, meter.currency)
 
@@ -319,14 +328,20 @@ def _text(amount: Decimal, currency: str) -> str:
 
 def _evidence(facts: KeyFacts, limit: int, clears: bool) -> Evidence:
     def first(ids: list[str]) -> tuple[str, ...]:
-        return tuple(sorted(set(ids))[:limit])
+        return tuple(sorted(set(ids))[:limit]) if ids else ()
 
+    lines = facts.lines
+    if len(lines) == 1:
+        line_ids, invoice_ids = (lines[0].line_id,), (lines[0].invoice_id,)
+    else:
+        line_ids = tuple(sorted(ln.line_id for ln in lines))
+        invoice_ids = tuple(sorted({ln.invoice_id for ln in lines}))
     return Evidence(
         duplicate_event_ids=first(facts.duplicate_ids),
         late_event_ids=first(facts.late_ids),
         catchup_event_ids=first(facts.catchup_ids),
-        invoice_line_ids=tuple(sorted(ln.line_id for ln in facts.lines)),
-        invoice_ids=tuple(sorted({ln.invoice_id for ln in facts.lines})),
+        invoice_line_ids=line_ids,
+        invoice_ids=invoice_ids,
         clears=tuple(TimingRef(facts.customer_id, facts.meter, p) for p in sorted(facts.clears)) if clears else (),
     )
 
@@ -342,8 +357,7 @@ def _unmapped(facts: KeyFacts, meter: Meter | None, period: Period, limit: int, 
         cause = f"meter {facts.meter!r} is not in the config" if facts.meter else "record has no meter"
     else:
         cause = "record has no customer id"
-    exponent = minor_exponent(currency) if currency else 2
-    money = amount.quantize(Decimal(1).scaleb(-exponent)) if currency else amount
+    money = amount.quantize(minor_unit(currency)) if currency else amount
     return ReconLine(
         customer_id=facts.customer_id,
         meter=facts.meter,

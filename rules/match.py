@@ -8,7 +8,7 @@ the run contains is out of scope and counted as such, never silently dropped.
 from __future__ import annotations
 
 from collections.abc import Iterable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from decimal import Decimal
 
 from rules.models import InvoiceLine, MeteredRecord, RawAggregate
@@ -18,9 +18,14 @@ ZERO = Decimal(0)
 Key = tuple[str, str, int]
 
 
-@dataclass
+@dataclass(slots=True)
 class KeyFacts:
-    """Everything the three records say about one key, in raw units."""
+    """Everything the three records say about one key, in raw units.
+
+    A run holds one per key, so the collections are immutable empties until a key has
+    something to put in them (most have one invoice line and nothing else), and
+    `segment_raw` is kept only when plan changes split a period into segments.
+    """
 
     customer_id: str
     meter: str
@@ -28,15 +33,15 @@ class KeyFacts:
     raw: Decimal = ZERO
     late: Decimal = ZERO
     catchup: Decimal = ZERO
-    segment_raw: dict[int, Decimal] = field(default_factory=dict)
+    segment_raw: dict[int, Decimal] | None = None
     metered: Decimal | None = None
-    lines: list[InvoiceLine] = field(default_factory=list)
-    late_ids: list[str] = field(default_factory=list)
-    catchup_ids: list[str] = field(default_factory=list)
-    duplicate_ids: list[str] = field(default_factory=list)
+    lines: tuple[InvoiceLine, ...] = ()
+    late_ids: tuple[str, ...] = ()
+    catchup_ids: tuple[str, ...] = ()
+    duplicate_ids: tuple[str, ...] = ()
     dropped_copies: int = 0
     conflicting_copies: int = 0
-    clears: set[str] = field(default_factory=set)
+    clears: frozenset[str] = frozenset()
 
 
 @dataclass
@@ -71,7 +76,8 @@ def join(
         if index is None:
             joined.out_of_scope_lines += 1
         elif wanted(line.customer_id):
-            _facts(joined.facts, line.customer_id, line.meter, index).lines.append(line)
+            facts = _facts(joined.facts, line.customer_id, line.meter, index)
+            facts.lines = (*facts.lines, line)
     return joined
 
 
@@ -89,23 +95,27 @@ def _add_raw(facts: dict[Key, KeyFacts], timeline: Timeline, aggregate: RawAggre
     if aggregate.segment is not None:
         own = _facts(facts, aggregate.customer_id, aggregate.meter, timeline.segments[aggregate.segment].period_index)
         own.raw += aggregate.quantity
-        own.segment_raw[aggregate.segment] = own.segment_raw.get(aggregate.segment, ZERO) + aggregate.quantity
-        own.duplicate_ids.extend(aggregate.duplicate_event_ids)
+        if len(timeline.segments) > periods:  # plan changes split some period
+            if own.segment_raw is None:
+                own.segment_raw = {}
+            own.segment_raw[aggregate.segment] = own.segment_raw.get(aggregate.segment, ZERO) + aggregate.quantity
+        if aggregate.duplicate_event_ids:
+            own.duplicate_ids += aggregate.duplicate_event_ids
         own.dropped_copies += aggregate.dropped_copies
         own.conflicting_copies += aggregate.conflicting_copies
         if aggregate.receiving is not None:
             own.late += aggregate.quantity
-            own.late_ids.extend(aggregate.late_event_ids)
+            own.late_ids += aggregate.late_event_ids
     receiving = aggregate.receiving
     if receiving is None or not 0 <= receiving < periods:
         return
     target = _facts(facts, aggregate.customer_id, aggregate.meter, receiving)
     target.catchup += aggregate.quantity
-    target.catchup_ids.extend(aggregate.late_event_ids)
+    target.catchup_ids += aggregate.late_event_ids
     if own is not None:
-        target.clears.add(timeline.periods[own.period_index].label)
+        target.clears |= {timeline.periods[own.period_index].label}
     else:
-        target.clears.update(aggregate.origin_periods)
-        target.duplicate_ids.extend(aggregate.duplicate_event_ids)
+        target.clears |= frozenset(aggregate.origin_periods)
+        target.duplicate_ids += aggregate.duplicate_event_ids
         target.dropped_copies += aggregate.dropped_copies
         target.conflicting_copies += aggregate.conflicting_copies

@@ -1,5 +1,7 @@
 """The canonical records and results of a reconciliation, as frozen dataclasses.
 
+The per-key ones have `__slots__`: a run holds hundreds of thousands of them.
+
 Quantities and money are `Decimal`; instants are UTC-aware `datetime`s.
 """
 
@@ -32,7 +34,7 @@ class Period:
         return self.start <= start and end <= self.end and start < end
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class RawAggregate:
     """Deduplicated raw usage of one customer × meter, bucketed by the DuckDB scan.
 
@@ -54,7 +56,7 @@ class RawAggregate:
     origin_periods: tuple[str, ...] = ()
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class MeteredRecord:
     customer_id: str
     meter: str
@@ -63,7 +65,7 @@ class MeteredRecord:
     quantity: Decimal
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class InvoiceLine:
     invoice_id: str
     line_id: str
@@ -77,7 +79,7 @@ class InvoiceLine:
     kind: str
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class TimingRef:
     """A timing item: late units of `customer_id` × `meter` in period `period`."""
 
@@ -86,7 +88,7 @@ class TimingRef:
     period: str
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class Evidence:
     duplicate_event_ids: tuple[str, ...] = ()
     late_event_ids: tuple[str, ...] = ()
@@ -96,7 +98,7 @@ class Evidence:
     clears: tuple[TimingRef, ...] = ()
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class ReconLine:
     """The verdict on one customer × meter × period key."""
 

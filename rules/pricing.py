@@ -83,9 +83,21 @@ def minor_exponent(currency: str) -> int:
     return 2
 
 
+_MINOR_UNITS: dict[str, Decimal] = {}  # currency → its minor unit (0.01 for usd), filled on use
+_STEPS: dict[int, Decimal] = {}  # precision → the billable unit step (1, 0.1, ...), filled on use
+
+
+def minor_unit(currency: str) -> Decimal:
+    """The currency's minor unit as a quantum: `0.01` for usd, `1` for jpy."""
+    unit = _MINOR_UNITS.get(currency)
+    if unit is None:
+        unit = _MINOR_UNITS[currency] = Decimal(1).scaleb(-minor_exponent(currency))
+    return unit
+
+
 def round_money(amount: Decimal, currency: str) -> Decimal:
     """`amount` rounded half-up to the currency's minor unit."""
-    return amount.quantize(Decimal(1).scaleb(-minor_exponent(currency)), rounding=ROUND_HALF_UP)
+    return amount.quantize(minor_unit(currency), rounding=ROUND_HALF_UP)
 
 
 def to_minor_units(amount: Decimal, currency: str) -> int:
@@ -95,5 +107,7 @@ def to_minor_units(amount: Decimal, currency: str) -> int:
 
 def billable_units(raw: Decimal, unit_size: Decimal, rounding: str, precision: int = 0) -> Decimal:
     """Raw units converted to billable units, rounded once as the meter says."""
-    step = Decimal(1).scaleb(-precision)
+    step = _STEPS.get(precision)
+    if step is None:
+        step = _STEPS[precision] = Decimal(1).scaleb(-precision)
     return (raw / unit_size).quantize(step, rounding=ROUNDINGS[rounding])

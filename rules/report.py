@@ -7,6 +7,7 @@ the same inputs always give the same bytes.
 from __future__ import annotations
 
 from collections import defaultdict
+from collections.abc import Iterator
 from decimal import Decimal
 from typing import Any
 
@@ -47,21 +48,28 @@ CSV_COLUMNS = (
 def number(value: Decimal) -> str:
     """A decimal as plain positional text: `1E+3` is written `1000`, `-0` is `0`."""
     text = format(value, "f")
-    return text[1:] if text.startswith("-") and not value else text
+    return text[1:] if text[0] == "-" and not value else text
 
 
 def period_json(period: Period) -> dict[str, str]:
     return {"start": period.start.isoformat(), "end": period.end.isoformat(), "label": period.label}
 
 
-def line_json(line: ReconLine) -> dict[str, Any]:
+def line_json(line: ReconLine, _periods: dict[int, tuple[str, str, str]] | None = None) -> dict[str, Any]:
+    """One report line; `_periods` caches each period's (by identity) label and instants."""
+    period = line.period
+    shown = _periods.get(id(period)) if _periods is not None else None
+    if shown is None:
+        shown = (period.label, period.start.isoformat(), period.end.isoformat())
+        if _periods is not None:
+            _periods[id(period)] = shown
     evidence = line.evidence
     return {
         "customer_id": line.customer_id,
         "meter": line.meter,
-        "period": line.period.label,
-        "period_start": line.period.start.isoformat(),
-        "period_end": line.period.end.isoformat(),
+        "period": shown[0],
+        "period_start": shown[1],
+        "period_end": shown[2],
         "raw_units": number(line.raw_units),
         "late_units": number(line.late_units),
         "catchup_units": number(line.catchup_units),
@@ -91,6 +99,13 @@ def line_json(line: ReconLine) -> dict[str, Any]:
     }
 
 
+def report_lines(report: Report) -> Iterator[dict[str, Any]]:
+    """The report's lines in its (sorted) order, one at a time, so a writer can stream them."""
+    periods: dict[int, tuple[str, str, str]] = {}
+    for line in report.lines:
+        yield line_json(line, periods)
+
+
 def summary_json(lines: tuple[ReconLine, ...] | list[ReconLine]) -> dict[str, Any]:
     """Counts and amounts by class; `amount` is null when a class mixes currencies."""
     counts: dict[str, int] = dict.fromkeys(CLASSES, 0)
@@ -110,8 +125,9 @@ def summary_json(lines: tuple[ReconLine, ...] | list[ReconLine]) -> dict[str, An
     return {"keys": len(lines), "matched": counts["match"], "classes": classes}
 
 
-def report_json(report: Report, extra: dict[str, Any] | None = None) -> dict[str, Any]:
-    """The whole report; `extra` adds summary facts such as out-of-scope counts."""
+def report_head(report: Report, extra: dict[str, Any] | None = None) -> dict[str, Any]:
+    """The report without its lines: run id, periods and summary (`extra` adds summary facts
+    such as out-of-scope counts)."""
     summary = summary_json(report.lines)
     summary.update(extra or {})
     periods = report.periods
@@ -123,8 +139,12 @@ def report_json(report: Report, extra: dict[str, Any] | None = None) -> dict[str
             "periods": [p.label for p in periods],
         },
         "summary": summary,
-        "lines": [line_json(line) for line in report.lines],
     }
+
+
+def report_json(report: Report, extra: dict[str, Any] | None = None) -> dict[str, Any]:
+    """The whole report, its lines included."""
+    return {**report_head(report, extra), "lines": list(report_lines(report))}
 
 
 def csv_row(line: dict[str, Any]) -> list[str]:

@@ -12,7 +12,7 @@ from responses import matchers
 
 from bot.routing import Outbox, Router, RoutingIncomplete
 from bot.slack import Pacer, SlackPoster
-from bot.store import RoutingLog, Store
+from bot.store import RoutingLog
 from bot.tickets import JiraQueue, LinearQueue, WebhookSink, retrying, verify_webhook
 from rules.config import parse_config
 from rules.routing import discrepancy_key, key_id
