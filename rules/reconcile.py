@@ -17,6 +17,20 @@ from rules.timeline import Timeline
 CALCULATION_VERSION = "1"
 
 
+@contextmanager
+def without_cyclic_gc() -> Iterator[None]:
+    """Pause the cyclic garbage collector: a run makes millions of objects and no cycles, and
+    each full collection would walk them all again. Reference counting still frees memory."""
+    enabled = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if enabled:
+            gc.enable()
+
+
+@without_cyclic_gc()
 def reconcile(
     config: Config,
     timeline: Timeline,
@@ -32,20 +46,6 @@ def reconcile(
 
     The per-key facts are let go as they are judged: the returned `Joined` keeps its counts,
     and its `facts` are empty."""
-    with without_cyclic_gc():
-        return _reconcile(config, timeline, raw, metered, lines, run_id, customers, every_meter)
-
-
-def _reconcile(
-    config: Config,
-    timeline: Timeline,
-    raw: Iterable[RawAggregate],
-    metered: Iterable[MeteredRecord],
-    lines: Iterable[InvoiceLine],
-    run_id: str,
-    customers: frozenset[str],
-    every_meter: bool,
-) -> tuple[Report, Joined]:
     joined = join(timeline, raw, metered, lines, customers)
     if every_meter:
         for customer in sorted(customers):
@@ -60,19 +60,6 @@ def _reconcile(
         verdicts.append(judge(facts, meters.get(facts.meter), periods[facts.period_index], segments, limit))
     verdicts.sort(key=ReconLine.sort_key.fget)  # type: ignore[arg-type]
     return Report(run_id=run_id, periods=timeline.periods, lines=tuple(verdicts)), joined
-
-
-@contextmanager
-def without_cyclic_gc() -> Iterator[None]:
-    """Pause the cyclic garbage collector: a run makes millions of objects and no cycles, and
-    each full collection would walk them all again. Reference counting still frees memory."""
-    enabled = gc.isenabled()
-    gc.disable()
-    try:
-        yield
-    finally:
-        if enabled:
-            gc.enable()
 
 
 def run_id_for(
