@@ -22,6 +22,7 @@ from bot.handlers import NotConfigured
 from bot.service import SourcePaths, reconcile_files
 from bot.store import Store, StoreError
 from connectors.base import InputError
+from connectors.raw import resolve
 from rules.config import Config, ConfigError, parse_config
 from rules.periods import PeriodError, parse_periods
 from rules.values import parse_instant
@@ -69,7 +70,7 @@ def main() -> None:
 
 @main.command()
 @click.option("--config", "config_path", type=click.Path(path_type=Path), help="Config file [env RECON_CONFIG].")
-@click.option("--raw", type=click.Path(path_type=Path), help="Raw events file (overrides [sources] raw).")
+@click.option("--raw", help="Raw events: a file, a pattern or a database URL (overrides [sources] raw).")
 @click.option("--metered", type=click.Path(path_type=Path), help="Metered file (overrides [sources] metered).")
 @click.option("--invoiced", type=click.Path(path_type=Path), help="Invoice lines file (overrides [sources] invoiced).")
 @click.option("--period", help="YYYY-MM, or START..END; default: the periods the records name.")
@@ -81,7 +82,7 @@ def main() -> None:
 @user_errors
 def reconcile(
     config_path: Path | None,
-    raw: Path | None,
+    raw: str | None,
     metered: Path | None,
     invoiced: Path | None,
     period: str | None,
@@ -105,17 +106,17 @@ def reconcile(
 
 
 def resolve_sources(
-    config: Config, config_path: Path, raw: Path | None, metered: Path | None, invoiced: Path | None
+    config: Config, config_path: Path, raw: str | None, metered: Path | None, invoiced: Path | None
 ) -> SourcePaths:
-    """Flags win over `[sources]`; config paths are relative to the config file."""
+    """Flags win over `[sources]`; config paths are relative to the config file, URLs are kept."""
     base = config_path.parent
-    chosen = {}
+    chosen: dict[str, Path | str] = {}
     for name, flag in (("raw", raw), ("metered", metered), ("invoiced", invoiced)):
         configured = getattr(config.sources, name)
         if flag is not None:
-            chosen[name] = flag
+            chosen[name] = resolve(flag, Path(".")) if name == "raw" else flag
         elif configured is not None:
-            chosen[name] = base / configured
+            chosen[name] = resolve(configured, base) if name == "raw" else base / configured
         else:
             raise ConfigError(f"sources.{name}: no {name} source (set it in the config or pass --{name})")
     return SourcePaths(**chosen)

@@ -20,7 +20,7 @@ from bot.signatures import InboundEvent, stripe_invoice_of
 from bot.store import Claimed, Store
 from bot.worker import Handler, Outcome
 from connectors.base import InvoiceBilling
-from connectors.files import RawEventsFile
+from connectors.raw import RawSource, raw_source
 from rules.config import Config
 
 log = logging.getLogger(__name__)
@@ -40,10 +40,10 @@ class Context:
     store: Store
     billing: dict[str, Callable[[], InvoiceBilling]]  # provider → connector factory
 
-    def raw_source(self) -> RawEventsFile:
+    def raw_source(self) -> RawSource:
         if not self.config.sources.raw:
             raise NotConfigured("sources.raw: no raw events source in the config")
-        return RawEventsFile(self.config_path.parent / self.config.sources.raw)
+        return raw_source(self.config.sources.raw, self.config_path.parent, self.config)
 
     def connector(self, provider: str) -> InvoiceBilling:
         factory = self.billing.get(provider)

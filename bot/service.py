@@ -13,6 +13,7 @@ from typing import Any
 from bot.store import RunRecord, Store
 from connectors.base import InvoiceBilling
 from connectors.files import FileBilling, RawEventsFile
+from connectors.raw import RawSource, raw_source
 from rules.config import Config
 from rules.match import Joined
 from rules.models import Period
@@ -24,7 +25,7 @@ from rules.timeline import build_timeline
 
 @dataclass(frozen=True)
 class SourcePaths:
-    raw: Path
+    raw: Path | str  # a path, a pattern, or a database URL
     metered: Path
     invoiced: Path
 
@@ -45,23 +46,28 @@ def reconcile_files(
 ) -> RunResult:
     """Reconcile the three files over `periods` (by default, the periods the records name);
     store the run unless it is stored already."""
-    raw = RawEventsFile(sources.raw)
+    raw = raw_source(sources.raw, Path("."), config)
     billing = FileBilling(sources.metered, sources.invoiced)
     with ThreadPoolExecutor(max_workers=1) as pool:
-        # Hashing the inputs overlaps with DuckDB's scan instead of adding to it.
-        fingerprints = pool.submit(lambda: {"raw": raw.fingerprint(), "billing": billing.fingerprint()})
+        # Hashing the files overlaps with DuckDB's scan; a database source's fingerprint is
+        # the digest of what aggregate() read, so it is taken after it.
+        early = isinstance(raw, RawEventsFile)
+        fingerprints = pool.submit(
+            lambda: {"raw": raw.fingerprint() if early else "", "billing": billing.fingerprint()}
+        )
         metered, lines = list(billing.metered()), list(billing.invoiced())
         if periods is None:
             spans = {(r.period_start, r.period_end) for r in (*metered, *lines)}
             periods = infer_periods(spans, config.period.zone)
         timeline = build_timeline(periods, config.meters, config.period.grace)
         aggregates = raw.aggregate(timeline, config.evidence_limit, config.period.timezone, progress)
-        run_id = run_id_for(config.fingerprint, fingerprints.result(), periods, customers)
+        inputs = fingerprints.result() | ({} if early else {"raw": raw.fingerprint()})
+        run_id = run_id_for(config.fingerprint, inputs, periods, customers)
     report, joined = reconcile(config, timeline, aggregates, metered, lines, run_id, customers)
     document = report_json(report, _scope(joined))
     stored = False
     if store is not None:
-        stored = save(store, document, config, fingerprints.result(), periods, customers)
+        stored = save(store, document, config, inputs, periods, customers)
     return RunResult(report=document, stored=stored)
 
 
@@ -73,7 +79,7 @@ def event_run_id(provider: str, event_id: str) -> str:
 def reconcile_invoice(
     config: Config,
     billing: InvoiceBilling,
-    raw: RawEventsFile,
+    raw: RawSource,
     store: Store,
     invoice_id: str,
     run_id: str,
