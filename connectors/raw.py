@@ -10,7 +10,7 @@ from connectors.sql import RawEventsSQL
 from rules.config import Config, RawTable
 
 SCHEME = re.compile(r"^([A-Za-z][A-Za-z0-9+.\-]*)://")
-FILE_SCHEMES = {"s3", "s3a", "s3n", "gs", "gcs", "r2", "http", "https", "file"}
+FILE_SCHEMES = {"s3", "s3a", "s3n", "gs", "gcs", "r2", "http", "https"}
 
 RawSource = RawEventsFile | RawEventsSQL
 

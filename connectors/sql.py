@@ -126,7 +126,10 @@ class RawEventsSQL:
                     conn.execute(sa.text("SET LOCAL TIME ZONE 'UTC'"))
                 table, types = self._columns(conn)
                 query = Aggregation(table, self.table, types, timeline, customers)
-                rows = conn.execute(query.statement(max(evidence_limit, 0), zone)).fetchall()
+                duplicates = sorted(conn.execute(query.duplicated_ids()).scalars())
+                rows = []
+                for statement in query.statements(duplicates, max(evidence_limit, 0), zone):
+                    rows.extend(conn.execute(statement).fetchall())
                 if any(row.has_bad for row in rows):
                     raise self._bad_row(conn, query)
         except SQLAlchemyError as exc:
@@ -186,17 +189,71 @@ class Aggregation:
         fields = [c[k].label(k) for k in ("event_id", "customer_id", "meter", "ts", "rcv", "qty")]
         return sa.select(*fields, bad.label("bad")).select_from(self.table).where(*where).subquery("src")
 
-    def statement(self, limit: int, zone: str) -> sa.Select:
-        tl = self.timeline
+    def duplicated_ids(self) -> sa.Select:
+        """The event ids seen more than once in the run's range."""
         src = self.candidates()
-        dup_ids = (
+        return (
             sa.select(src.c.event_id)
             .where(src.c.event_id.is_not(None))
             .group_by(src.c.event_id)
             .having(sa.func.count() > 1)
-            .cte("dup_ids")
         )
-        is_dup = src.c.event_id.in_(sa.select(dup_ids.c.event_id))
+
+    def statements(self, duplicates: list[str], limit: int, zone: str) -> list[sa.Select]:
+        """The aggregation, in statements that each plan well, given the duplicated ids.
+
+        1. every event seen once, summed per key: a plain hash aggregation (the bare GROUP BY's
+           shape, parallel where the database can);
+        2. the late ones among them, ranked by id within their key: at most `limit` ids each;
+        3. the copies of the duplicated events: the first received kept, the rest counted.
+        Nothing sorts the whole table; `_merge` adds the three up per key.
+        """
+        src = self.placed()
+        dup = sa.bindparam("duplicates", duplicates, type_=postgresql.ARRAY(TEXT))
+        is_dup = src.c.event_id == sa.any_(dup)
+        once = sa.or_(src.c.event_id.is_(None), sa.not_(is_dup)) if duplicates else sa.true()
+        late = src.c.window_no > src.c.period_no
+        receiving = sa.case((late, src.c.window_no), else_=sa.null())
+        origin = sa.case((src.c.segment_no == -1, _month_label(src.c.ts, zone)), else_=sa.null())
+        key = (src.c.customer_id, src.c.meter, src.c.segment_no, receiving, origin)
+        labels = ("customer_id", "meter", "segment_no", "receiving", "origin")
+        keyed = [k.label(n) for k, n in zip(key, labels, strict=True)]
+        sums = (
+            sa.select(
+                *keyed,
+                sa.func.sum(src.c.qty).label("quantity"),
+                sa.func.count().label("events"),
+                sa.null().label("late_ids"),
+                sa.null().label("dup_ids"),
+                sa.literal(0).label("dropped_copies"),
+                sa.literal(0).label("conflicts"),
+                sa.func.max(sa.case((src.c.bad.is_not(None), 1), else_=0)).label("has_bad"),
+            )
+            .where(once)
+            .group_by(*key)
+        )
+        statements = [sums]
+        if limit > 0:
+            rank = sa.func.row_number().over(partition_by=key[:4], order_by=_bytewise(src.c.event_id))
+            late_rows = sa.select(*keyed, src.c.event_id, rank.label("rank")).where(once, late).subquery("late")
+            lr = late_rows.c
+            statements.append(
+                sa.select(
+                    *(lr[n] for n in labels),
+                    sa.null().label("quantity"),
+                    sa.literal(0).label("events"),
+                    _ids(lr.event_id, lr["rank"] <= sa.bindparam("limit", limit)).label("late_ids"),
+                    sa.null().label("dup_ids"),
+                    sa.literal(0).label("dropped_copies"),
+                    sa.literal(0).label("conflicts"),
+                    sa.literal(0).label("has_bad"),
+                ).group_by(*(lr[n] for n in labels))
+            )
+        if duplicates:
+            statements.append(self._copies(src, is_dup, key, labels, limit))
+        return statements
+
+    def _copies(self, src: sa.Subquery, is_dup: Any, key: tuple[Any, ...], labels: tuple[str, ...], limit: int):
         same_id = {"partition_by": src.c.event_id}
         first_copy = sa.func.row_number().over(
             **same_id,
@@ -209,50 +266,41 @@ class Aggregation:
             ),
         )
         copies = sa.select(
-            *src.c,
+            *(k.label(n) for k, n in zip(key, labels, strict=True)),
+            src.c.event_id,
+            src.c.qty,
+            src.c.bad,
             first_copy.label("copy"),
             sa.func.count().over(**same_id).label("copies"),
             (sa.func.min(src.c.qty).over(**same_id) != sa.func.max(src.c.qty).over(**same_id)).label("conflict"),
         ).where(is_dup)
-        copies = copies.subquery("dup_rows")
-        unique = sa.select(*src.c, sa.literal(1).label("copies"), sa.false().label("conflict")).where(
-            sa.or_(src.c.event_id.is_(None), ~is_dup)
-        )
-        kept = sa.select(*(copies.c[n] for n in (*src.c.keys(), "copies", "conflict"))).where(
-            sa.or_(copies.c.copy == 1, copies.c.bad.is_not(None))
-        )
-        events = sa.union_all(unique, kept).subquery("events")
-        e = events.c
-        period = _bucket(e.ts, [p.end for p in tl.periods], tl.start, "p")
-        segment = _bucket(e.ts, [s.end for s in tl.segments], tl.start, "s")
-        window = _window(e.rcv, tl)
-        placed = sa.select(
-            *e, period.label("period_no"), segment.label("segment_no"), window.label("window_no")
+        copies = copies.subquery("copies")
+        c = copies.c
+        rank = sa.func.row_number().over(partition_by=[c[n] for n in labels[:4]], order_by=_bytewise(c.event_id))
+        kept = sa.select(*c, rank.label("rank")).where(sa.or_(c.copy == 1, c.bad.is_not(None))).subquery("kept")
+        k = kept.c
+        shown = k["rank"] <= sa.bindparam("limit", limit)
+        return sa.select(
+            *(k[n] for n in labels),
+            sa.func.sum(k.qty).label("quantity"),
+            sa.func.count().label("events"),
+            _ids(k.event_id, sa.and_(k.receiving.is_not(None), shown)).label("late_ids"),
+            _ids(k.event_id, shown).label("dup_ids"),
+            sa.func.sum(k.copies - 1).label("dropped_copies"),
+            sa.func.sum(sa.case((k.conflict, 1), else_=0)).label("conflicts"),
+            sa.func.max(sa.case((k.bad.is_not(None), 1), else_=0)).label("has_bad"),
+        ).group_by(*(k[n] for n in labels))
+
+    def placed(self) -> sa.Subquery:
+        """The candidate rows with their period, segment and billing window numbers."""
+        tl = self.timeline
+        src = self.candidates()
+        period = _bucket(src.c.ts, [p.end for p in tl.periods], tl.start, "p")
+        segment = _bucket(src.c.ts, [s.end for s in tl.segments], tl.start, "s")
+        window = _window(src.c.rcv, tl)
+        return sa.select(
+            *src.c, period.label("period_no"), segment.label("segment_no"), window.label("window_no")
         ).subquery("placed")
-        p = placed.c
-        receiving = sa.case((p.window_no > p.period_no, p.window_no), else_=sa.null())
-        origin = sa.case((p.segment_no == -1, _month_label(p.ts, zone)), else_=sa.null())
-        flagged = sa.select(*p, receiving.label("receiving"), origin.label("origin")).subquery("flagged")
-        f = flagged.c
-        ids = _ordered_ids(f.event_id)
-        return (
-            sa.select(
-                f.customer_id,
-                f.meter,
-                f.segment_no,
-                f.receiving,
-                f.origin,
-                sa.func.sum(f.qty).label("quantity"),
-                sa.func.count().label("events"),
-                _first(ids.filter(f.receiving.is_not(None)), limit).label("late_ids"),
-                _first(ids.filter(f.copies > 1), limit).label("dup_ids"),
-                sa.func.coalesce(sa.func.sum(f.copies - 1), 0).label("dropped_copies"),
-                sa.func.sum(sa.case((f.conflict, 1), else_=0)).label("conflicts"),
-                sa.func.max(sa.case((f.bad.is_not(None), 1), else_=0)).label("has_bad"),
-            )
-            .group_by(f.customer_id, f.meter, f.segment_no, f.receiving, f.origin)
-            .order_by(f.customer_id, f.meter, f.segment_no, f.receiving, f.origin)
-        )
 
     def first_bad(self) -> sa.Select:
         """The first bad row, by event_id (a table has no line numbers)."""
@@ -325,15 +373,9 @@ def _bytewise(column: Any) -> Any:
     return column.collate("C")
 
 
-def _ordered_ids(column: Any) -> Any:
-    """Event ids in code point order (PostgreSQL spelling)."""
-    return sa.func.array_agg(postgresql.aggregate_order_by(column, _bytewise(column)), type_=postgresql.ARRAY(TEXT))
-
-
-def _first(ids: Any, limit: int) -> Any:
-    if limit == 0:
-        return sa.null()
-    return sa.type_coerce(ids, postgresql.ARRAY(TEXT))[1:limit]
+def _ids(column: Any, shown: Any) -> Any:
+    """The ids of the rows `shown` (at most `limit` per key and branch), in no order: `_merge` sorts."""
+    return sa.func.array_agg(column, type_=postgresql.ARRAY(TEXT)).filter(shown)
 
 
 def _merge(rows: Iterable[Any], limit: int) -> list[RawAggregate]:
@@ -356,8 +398,8 @@ def _merge(rows: Iterable[Any], limit: int) -> list[RawAggregate]:
         )
         into["quantity"] += Decimal(row.quantity) if row.quantity is not None else Decimal(0)
         into["events"] += row.events
-        into["late"] = sorted([*into["late"], *(row.late_ids or ())])[:limit]
-        into["dups"] = sorted([*into["dups"], *(row.dup_ids or ())])[:limit]
+        into["late"] = sorted([*into["late"], *(row.late_ids or ())])[: max(limit, 0)]
+        into["dups"] = sorted([*into["dups"], *(row.dup_ids or ())])[: max(limit, 0)]
         into["dropped"] += int(row.dropped_copies)
         into["conflicts"] += int(row.conflicts)
         if row.origin is not None:
