@@ -102,6 +102,16 @@ class RawEventsSQL:
         types = {field: found.get(column) for field, column in wanted.items()}
         return clause, types
 
+    def _unique_ids(self, conn: sa.Connection) -> bool:
+        """Whether a primary key, unique constraint or unique index holds event_id alone."""
+        schema, _, name = self.table.name.rpartition(".")
+        inspector = sa.inspect(conn)
+        column = [self.table.column("event_id")]
+        keys = [inspector.get_pk_constraint(name, schema=schema or None).get("constrained_columns") or []]
+        keys += [u["column_names"] for u in inspector.get_unique_constraints(name, schema=schema or None)]
+        keys += [i["column_names"] for i in inspector.get_indexes(name, schema=schema or None) if i.get("unique")]
+        return column in keys
+
     def fingerprint(self) -> str:
         """The digest of the aggregates the last `aggregate()` returned: the same rows in the
         run's range give the same digest, whatever else the table holds. Call it after aggregate()."""
@@ -126,7 +136,8 @@ class RawEventsSQL:
                     conn.execute(sa.text("SET LOCAL TIME ZONE 'UTC'"))
                 table, types = self._columns(conn)
                 query = Aggregation(table, self.table, types, timeline, customers)
-                duplicates = sorted(conn.execute(query.duplicated_ids()).scalars())
+                unique = self._unique_ids(conn)  # a key on event_id: no copies to look for
+                duplicates = [] if unique else sorted(conn.execute(query.duplicated_ids()).scalars())
                 rows = []
                 for statement in query.statements(duplicates, max(evidence_limit, 0), zone):
                     rows.extend(conn.execute(statement).fetchall())

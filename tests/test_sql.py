@@ -124,6 +124,17 @@ def test_sql_aggregates_equal_the_files_aggregates(schema, tmp_path):
     assert source.fingerprint().startswith("sql:")
 
 
+def test_a_table_keyed_by_event_id_gives_the_same_aggregates(schema, tmp_path):
+    """With a primary key on event_id no copies can exist, and none are looked for."""
+    rows = [r for r in ODD_ROWS if r[0] not in ("dup", "clash")]
+    keyed = TYPED.replace("event_id text,", "event_id text PRIMARY KEY,")
+    source = RawEventsSQL(POSTGRES_URL, RawTable(name=load(schema, "keyed_events", rows, keyed)))
+    expected = RawEventsFile(write_csv(tmp_path / "raw.csv", RAW, rows)).aggregate(timeline((2026, 10)), 5)
+    with source.engine.connect() as conn:
+        assert source._unique_ids(conn)
+    assert by_key(source.aggregate(timeline((2026, 10)), 5)) == by_key(expected)
+
+
 def test_same_rows_same_fingerprint_and_a_change_changes_it(schema):
     first = RawEventsSQL(POSTGRES_URL, RawTable(name=load(schema, "fp_a", ODD_ROWS)))
     second = RawEventsSQL(POSTGRES_URL, RawTable(name=load(schema, "fp_b", [*ODD_ROWS, event("new", 1)])))
