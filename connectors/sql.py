@@ -1,9 +1,10 @@
 """Raw usage events in a database table, aggregated where they live.
 
-The database parses nothing and ships no event: it filters the run's time range,
-deduplicates by event_id, buckets on the run's timeline and sums per customer ×
-meter × segment in one statement; only those aggregates and the (capped) evidence
-ids come back. The semantics are those of `connectors.files.RawEventsFile`:
+The database ships no event: it filters the run's time range, finds the event ids
+seen more than once, buckets on the run's timeline and sums per customer × meter ×
+segment, in a few statements that read one REPEATABLE READ snapshot; only those
+aggregates, the duplicated ids and the (capped) evidence ids come back. The
+semantics are those of `connectors.files.RawEventsFile`:
 
 - rows with a repeated event_id count once: the copy received first (then the
   smallest quantity) is kept, the others are counted as dropped, and copies that
@@ -34,7 +35,7 @@ from typing import Any
 import sqlalchemy as sa
 from sqlalchemy.dialects import postgresql
 from sqlalchemy.engine import URL, Engine, make_url
-from sqlalchemy.exc import ArgumentError, NoSuchModuleError, NoSuchTableError, SQLAlchemyError
+from sqlalchemy.exc import ArgumentError, DataError, NoSuchModuleError, NoSuchTableError, SQLAlchemyError
 
 from connectors.base import ConnectorError, InputError
 from rules.config import RawTable
@@ -143,6 +144,8 @@ class RawEventsSQL:
                     rows.extend(conn.execute(statement).fetchall())
                 if any(row.has_bad for row in rows):
                     raise self._bad_row(conn, query)
+        except DataError as exc:  # a value the column's cast refuses: the data is at fault
+            raise InputError(f"{self.label}: {_first_line(exc)}") from None
         except SQLAlchemyError as exc:
             raise ConnectorError(f"{self.label}: {_first_line(exc)}") from None
         aggregates = _merge(rows, evidence_limit)

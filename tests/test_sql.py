@@ -185,6 +185,13 @@ def test_a_float_or_text_quantity_is_summed_as_an_exact_decimal(schema):
         assert str(aggregate.quantity) == "0.3"
 
 
+def test_a_text_quantity_that_is_no_number_is_a_one_line_input_error(schema):
+    columns = TYPED.replace("quantity numeric", "quantity text")
+    name = load(schema, "text_qty", [event("e1", "1"), event("e2", "12,5")], columns)
+    with pytest.raises(InputError, match=r"table .*text_qty: invalid input syntax for type numeric: \"12,5\""):
+        RawEventsSQL(POSTGRES_URL, RawTable(name=name)).aggregate(timeline((2026, 10)), 10)
+
+
 def test_a_bad_row_is_one_line_naming_table_event_and_column(schema):
     rows = [event("e1", 1), event("e2", None), event("", 1, customer="cus_z")]
     url = POSTGRES_URL.replace("postgres@", "postgres:s3cret@")
