@@ -30,7 +30,7 @@ from psycopg import sql
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bot.service import SourcePaths, reconcile_files  # noqa: E402
-from connectors.sql import Aggregation, RawEventsSQL  # noqa: E402
+from connectors.sql import RawEventsSQL  # noqa: E402
 from rules.config import RawTable, parse_config  # noqa: E402
 from rules.periods import parse_periods  # noqa: E402
 from rules.timeline import build_timeline  # noqa: E402
@@ -111,19 +111,8 @@ def explain(url: str, schema: str, data: Path) -> str:
     periods = parse_periods("2026-10", config.period.zone)
     timeline = build_timeline(periods, config.meters, config.period.grace)
     source = RawEventsSQL(url, RawTable(name=f"{schema}.raw_events"))
-    out = []
-    with source.engine.connect() as conn:
-        conn.exec_driver_sql("SET TIME ZONE 'UTC'")
-        table, types = source._columns(conn)
-        query = Aggregation(table, source.table, types, timeline, frozenset())
-        duplicates = sorted(conn.execute(query.duplicated_ids()).scalars())
-        statements = [query.duplicated_ids(), *query.statements(duplicates, config.evidence_limit, "UTC")]
-        for number, statement in enumerate(statements, 1):
-            compiled = statement.compile(conn, compile_kwargs={"render_postcompile": True})
-            rows = conn.exec_driver_sql("EXPLAIN (ANALYZE, COSTS OFF) " + str(compiled), compiled.params).fetchall()
-            out.append(f"-- statement {number}")
-            out.extend(r[0] for r in rows)
-    return "\n".join(out)
+    plans = source.plans(timeline, config.evidence_limit, config.period.timezone)
+    return "\n".join(f"-- statement {n}\n{plan}" for n, plan in enumerate(plans, 1))
 
 
 def main() -> None:

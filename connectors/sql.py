@@ -130,33 +130,60 @@ class RawEventsSQL:
     ) -> list[RawAggregate]:
         """Aggregates on the timeline; with `customers`, only their events are read.
         (`progress` is accepted for the files source's interface; a database shows none.)"""
+        rows = self._run(timeline, evidence_limit, zone, customers, lambda conn, s: conn.execute(s).fetchall())
+        aggregates = _merge(rows, evidence_limit)
+        self._digest = _digest(aggregates)
+        return aggregates
+
+    def plans(self, timeline: Timeline, evidence_limit: int, zone: str = "UTC") -> list[str]:
+        """EXPLAIN ANALYZE (PostgreSQL) of each statement `aggregate()` runs, run the same way."""
+        plans: list[str] = []
+
+        def explain(conn: sa.Connection, statement: sa.Select) -> list[Any]:
+            compiled = statement.compile(conn, compile_kwargs={"render_postcompile": True})
+            lines = conn.exec_driver_sql(f"EXPLAIN (ANALYZE, COSTS OFF) {compiled}", compiled.params).scalars()
+            plans.append("\n".join(lines))
+            return conn.execute(statement).fetchall()
+
+        self._run(timeline, evidence_limit, zone, frozenset(), explain)
+        return plans
+
+    def _run(
+        self,
+        timeline: Timeline,
+        evidence_limit: int,
+        zone: str,
+        customers: frozenset[str],
+        execute: Callable[[sa.Connection, sa.Select], list[Any]],
+    ) -> list[Any]:
+        """Run the statements in one read-only snapshot through `execute`; the aggregation's rows."""
         try:
             with self.engine.connect() as conn:
-                if conn.dialect.name == "postgresql":
+                postgres = conn.dialect.name == "postgresql"
+                if postgres:
                     conn.execute(sa.text("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ, READ ONLY"))
                     conn.execute(sa.text("SET LOCAL TIME ZONE 'UTC'"))
                 table, types = self._columns(conn)
                 query = Aggregation(table, self.table, types, timeline, customers)
-                unique = self._unique_ids(conn)  # a key on event_id: no copies to look for
-                duplicates = [] if unique else sorted(conn.execute(query.duplicated_ids()).scalars())
-                rows = []
+                duplicates: list[str] = []
+                if not self._unique_ids(conn):  # a key on event_id: no copies to look for
+                    duplicates = sorted(row[0] for row in execute(conn, query.duplicated_ids()))
+                rows: list[Any] = []
                 for number, statement in enumerate(query.statements(duplicates, max(evidence_limit, 0), zone)):
-                    if number == 0 and conn.dialect.name == "postgresql":
+                    if number == 0 and postgres:
                         # The per-key sums are one hash aggregation; PostgreSQL cannot estimate
-                        # the groups of the bucket expressions and would otherwise sort 10M rows.
+                        # the groups of the bucket expressions and would otherwise sort every row.
                         conn.execute(sa.text("SET LOCAL enable_sort = off"))
-                    rows.extend(conn.execute(statement).fetchall())
-                    if number == 0 and conn.dialect.name == "postgresql":
+                    rows.extend(execute(conn, statement))
+                    if number == 0 and postgres:
                         conn.execute(sa.text("SET LOCAL enable_sort = on"))
                 if any(row[-1] for row in rows):
                     raise self._bad_row(conn, query)
+                return rows
         except DataError as exc:  # a value the column's cast refuses: the data is at fault
             raise InputError(f"{self.label}: {_first_line(exc)}") from None
         except SQLAlchemyError as exc:
             raise ConnectorError(f"{self.label}: {_first_line(exc)}") from None
-        aggregates = _merge(rows, evidence_limit)
-        self._digest = _digest(aggregates)
-        return aggregates
 
     def _bad_row(self, conn: sa.Connection, query: Aggregation) -> InputError:
         row = conn.execute(query.first_bad()).one()

@@ -280,3 +280,10 @@ def test_cli_with_a_database_book(schema, tmp_path):
     )
     assert result.exit_code == 0, result.stderr
     assert '"class": "under_bill"' in result.stdout
+
+
+def test_the_query_plans_show_the_aggregation_in_the_database(schema):
+    source = RawEventsSQL(POSTGRES_URL, RawTable(name=load(schema, "plan_events", ODD_ROWS)))
+    plans = source.plans(timeline((2026, 10)), 10)
+    assert len(plans) == 4  # duplicate ids, per-key sums, late ids, copies
+    assert all("Scan on plan_events" in plan and "Aggregate" in plan for plan in plans)
