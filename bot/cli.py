@@ -25,6 +25,7 @@ from bot.schedule import configured_platform, enqueue_close
 from bot.service import RunResult, SourcePaths, reconcile_files, reconcile_platform
 from bot.store import Store, StoreError
 from connectors.base import InputError, InvoiceBilling
+from connectors.raw import resolve
 from rules.config import Config, ConfigError, Schedule, parse_config
 from rules.periods import PeriodError, last_closed, parse_periods
 from rules.values import parse_instant
@@ -72,7 +73,7 @@ def main() -> None:
 
 @main.command()
 @click.option("--config", "config_path", type=click.Path(path_type=Path), help="Config file [env RECON_CONFIG].")
-@click.option("--raw", type=click.Path(path_type=Path), help="Raw events file (overrides [sources] raw).")
+@click.option("--raw", help="Raw events: a file, a pattern or a database URL (overrides [sources] raw).")
 @click.option("--metered", type=click.Path(path_type=Path), help="Metered file (overrides [sources] metered).")
 @click.option("--invoiced", type=click.Path(path_type=Path), help="Invoice lines file (overrides [sources] invoiced).")
 @click.option(
@@ -90,7 +91,7 @@ def main() -> None:
 @user_errors
 def reconcile(
     config_path: Path | None,
-    raw: Path | None,
+    raw: str | None,
     metered: Path | None,
     invoiced: Path | None,
     billing: str | None,
@@ -164,26 +165,27 @@ def platform_connector(settings: Settings, config: Config, platform: str) -> Inv
     return factory()
 
 
-def resolve_raw(config: Config, config_path: Path, raw: Path | None) -> Path:
+def resolve_raw(config: Config, config_path: Path, raw: str | None) -> Path | str:
+    """`--raw` (relative to here) or `[sources] raw` (relative to the config): a path, pattern or URL."""
     if raw is not None:
-        return raw
+        return resolve(raw, Path("."))
     if config.sources.raw is None:
         raise ConfigError("sources.raw: no raw source (set it in the config or pass --raw)")
-    return config_path.parent / config.sources.raw
+    return resolve(config.sources.raw, config_path.parent)
 
 
 def resolve_sources(
-    config: Config, config_path: Path, raw: Path | None, metered: Path | None, invoiced: Path | None
+    config: Config, config_path: Path, raw: str | None, metered: Path | None, invoiced: Path | None
 ) -> SourcePaths:
-    """Flags win over `[sources]`; config paths are relative to the config file."""
+    """Flags win over `[sources]`; config paths are relative to the config file, URLs are kept."""
     base = config_path.parent
-    chosen = {}
+    chosen: dict[str, Path | str] = {}
     for name, flag in (("raw", raw), ("metered", metered), ("invoiced", invoiced)):
         configured = getattr(config.sources, name)
         if flag is not None:
-            chosen[name] = flag
+            chosen[name] = resolve(flag, Path(".")) if name == "raw" else flag
         elif configured is not None:
-            chosen[name] = base / configured
+            chosen[name] = resolve(configured, base) if name == "raw" else base / configured
         else:
             raise ConfigError(f"sources.{name}: no {name} source (set it in the config or pass --{name})")
     return SourcePaths(**chosen)

@@ -24,7 +24,7 @@ from bot.signatures import InboundEvent, orb_invoice_of, stripe_invoice_of
 from bot.store import Claimed, Store
 from bot.worker import Handler, Outcome
 from connectors.base import InvoiceBilling, NothingToReconcile
-from connectors.files import RawEventsFile
+from connectors.raw import RawSource, raw_source
 from rules.config import Config
 
 if TYPE_CHECKING:
@@ -48,10 +48,10 @@ class Context:
     router: Router | None = None  # routes each finished run (Slack, tickets, watch-list, digest)
     decider: Decider | None = None  # acts on Slack button clicks
 
-    def raw_source(self) -> RawEventsFile:
+    def raw_source(self) -> RawSource:
         if not self.config.sources.raw:
             raise NotConfigured("sources.raw: no raw events source in the config")
-        return RawEventsFile(self.config_path.parent / self.config.sources.raw)
+        return raw_source(self.config.sources.raw, self.config_path.parent, self.config)
 
     def connector(self, provider: str) -> InvoiceBilling:
         factory = self.billing.get(provider)

@@ -21,6 +21,7 @@ from bot.service import RunResult, SourcePaths, reconcile_files, reconcile_platf
 from bot.signatures import InboundEvent
 from bot.store import Claimed, Store
 from bot.worker import Handler, Outcome, utc_now
+from connectors.raw import resolve
 from rules.config import Config
 from rules.models import Period
 from rules.periods import last_closed, parse_periods
@@ -74,7 +75,7 @@ def reconcile_period(context: Context, periods: tuple[Period, ...]) -> RunResult
     platform = configured_platform(config)
     if not config.sources.raw:
         raise NotConfigured("sources.raw: no raw events source in the config")
-    raw = base / config.sources.raw
+    raw = resolve(config.sources.raw, base)  # a path relative to the config, a pattern or a URL
     if platform is not None:
         return reconcile_platform(config, raw, context.connector(platform), periods, context.store)
     if not config.sources.metered or not config.sources.invoiced:

@@ -13,6 +13,7 @@ from typing import Any
 from bot.store import RunRecord, Store
 from connectors.base import InvoiceBilling, period_records
 from connectors.files import FileBilling, RawEventsFile
+from connectors.raw import RawSource, raw_source
 from rules.config import Config
 from rules.match import Joined
 from rules.models import InvoiceLine, MeteredRecord, Period, RawAggregate, Report
@@ -24,7 +25,7 @@ from rules.timeline import build_timeline
 
 @dataclass(frozen=True)
 class SourcePaths:
-    raw: Path
+    raw: Path | str  # a path, a pattern, or a database URL
     metered: Path
     invoiced: Path
 
@@ -56,33 +57,39 @@ def reconcile_files(
 ) -> RunResult:
     """Reconcile the three files over `periods` (by default, the periods the records name);
     store the run unless it is stored already."""
-    raw = RawEventsFile(sources.raw)
+    raw = raw_source(sources.raw, Path("."), config)
     billing = FileBilling(sources.metered, sources.invoiced)
     with without_cyclic_gc(), ThreadPoolExecutor(max_workers=2) as pool:
-        # Hashing the inputs overlaps with DuckDB's scan instead of adding to it; with the
-        # periods given, the scan itself overlaps with reading the billing side.
-        fingerprints = pool.submit(lambda: {"raw": raw.fingerprint(), "billing": billing.fingerprint()})
+        # Hashing the files overlaps with DuckDB's scan instead of adding to it; with the periods
+        # given, the scan itself overlaps with reading the billing side. A database source's
+        # fingerprint is the digest of what aggregate() read, so it is taken after it.
+        early = isinstance(raw, RawEventsFile)
+        hashed = pool.submit(lambda: {"raw": raw.fingerprint() if early else "", "billing": billing.fingerprint()})
         scan = pool.submit(_aggregate, config, raw, periods, progress) if periods is not None else None
         records = Records(list(billing.metered()), list(billing.invoiced()))
         if periods is None:
             spans = {(r.period_start, r.period_end) for r in (*records.metered, *records.lines)}
             periods = infer_periods(spans, config.period.zone)
         scanned = scan.result if scan is not None else None
-        return _reconcile(config, raw, records, periods, fingerprints.result, store, customers, progress, scanned)
+
+        def fingerprints() -> dict[str, str]:
+            return hashed.result() | ({} if early else {"raw": raw.fingerprint()})
+
+        return _reconcile(config, raw, records, periods, fingerprints, store, customers, progress, scanned)
 
 
 def reconcile_platform(
     config: Config,
-    raw_path: Path,
+    raw_spec: Path | str,
     billing: InvoiceBilling,
     periods: tuple[Period, ...],
     store: Store | None,
     customers: frozenset[str] = frozenset(),
     progress: Callable[..., Any] | None = None,
 ) -> RunResult:
-    """Reconcile raw events from a file against a platform's metered units and invoice lines
-    for `periods`, read invoice by invoice through the platform's API (`period_records`)."""
-    raw = RawEventsFile(raw_path)
+    """Reconcile raw events (files or a database) against a platform's metered units and invoice
+    lines for `periods`, read invoice by invoice through the platform's API (`period_records`)."""
+    raw = raw_source(raw_spec, Path("."), config)
     metered: list[MeteredRecord] = []
     lines: list[InvoiceLine] = []
     for period in periods:
@@ -109,7 +116,7 @@ class Records:
 
 def _reconcile(
     config: Config,
-    raw: RawEventsFile,
+    raw: RawSource,
     records: Records,
     periods: tuple[Period, ...],
     fingerprints: Callable[[], dict[str, str]],
@@ -136,7 +143,7 @@ def _reconcile(
 
 
 def _aggregate(
-    config: Config, raw: RawEventsFile, periods: tuple[Period, ...], progress: Callable[..., Any] | None
+    config: Config, raw: RawSource, periods: tuple[Period, ...], progress: Callable[..., Any] | None
 ) -> list[RawAggregate]:
     timeline = build_timeline(periods, config.meters, config.period.grace)
     return raw.aggregate(timeline, config.evidence_limit, config.period.timezone, progress)
@@ -157,7 +164,7 @@ def event_run_id(provider: str, event_id: str) -> str:
 def reconcile_invoice(
     config: Config,
     billing: InvoiceBilling,
-    raw: RawEventsFile,
+    raw: RawSource,
     store: Store,
     invoice_id: str,
     run_id: str,

@@ -9,15 +9,19 @@ and field of a bad value.
 
 from __future__ import annotations
 
+import glob
 import hashlib
+import os
+import re
 import tempfile
 import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from datetime import datetime
 from decimal import Decimal
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from sys import intern
 from typing import Any
+from urllib.parse import urlsplit
 
 import duckdb
 
@@ -56,29 +60,44 @@ def connect(memory_limit: str = "1GB") -> duckdb.DuckDBPyConnection:
     return con
 
 
+REMOTE = re.compile(r"^(s3|s3a|s3n|gs|gcs|r2|https?)://", re.IGNORECASE)
+PATTERN = re.compile(r"[*?\[]")
+
+
 class TableFile:
-    """One CSV, JSON Lines or Parquet file as a DuckDB relation of named columns."""
+    """A CSV, JSON Lines or Parquet file, or every file a pattern matches (`events/*.parquet`,
+    `s3://bucket/prefix/*.parquet`), as a DuckDB relation of named columns."""
 
     def __init__(self, path: str | Path, con: duckdb.DuckDBPyConnection | None = None) -> None:
-        self.path = Path(path)
+        text = str(path)
+        self.remote = bool(REMOTE.match(text))
+        self.pattern = self.remote or bool(PATTERN.search(text))
+        self.path: Path | str = text if self.remote else Path(text)
         self.con = con or connect()
-        suffix = self.path.suffix.lower()
+        suffix = PurePosixPath(urlsplit(text).path if self.remote else text).suffix.lower()
         if suffix not in (".csv", ".jsonl", ".ndjson", ".json", ".parquet"):
             raise InputError(f"{self.path}: unknown file type {suffix!r} (use .csv, .jsonl or .parquet)")
-        if not self.path.is_file():
+        if self.remote:
+            enable_remote(self.con, text)
+        elif self.pattern:
+            if not glob.glob(text):
+                raise InputError(f"{self.path}: no file matches")
+        elif not Path(text).is_file():
             raise InputError(f"{self.path}: no such file")
         self.kind = {".parquet": "parquet", ".csv": "csv"}.get(suffix, "jsonl")
         self._types: dict[str, str] | None = None
 
-    def relation(self, columns: tuple[str, ...] = ()) -> str:
-        """A FROM expression; JSON keys are read as text, CSV fields as text."""
+    def relation(self, columns: tuple[str, ...] = (), filename: bool = False) -> str:
+        """A FROM expression; JSON keys are read as text, CSV fields as text; with `filename`,
+        each row also names the file it came from."""
         path = _quote_literal(str(self.path))
+        named = ", filename = true" if filename else ""
         if self.kind == "parquet":
-            return f"read_parquet({path})"
+            return f"read_parquet({path}{named})"
         if self.kind == "csv":
-            return f"read_csv({path}, header = true, all_varchar = true)"
+            return f"read_csv({path}, header = true, all_varchar = true{named})"
         spec = ", ".join(f"{_quote_literal(c)}: 'VARCHAR'" for c in columns)
-        return f"read_json({path}, format = 'newline_delimited', columns = {{{spec}}})"
+        return f"read_json({path}, format = 'newline_delimited', columns = {{{spec}}}{named})"
 
     def types(self, expected: tuple[str, ...]) -> dict[str, str]:
         """Column name → DuckDB type; JSON Lines columns are the expected ones."""
@@ -109,10 +128,23 @@ class TableFile:
         return f"row {index + 1}"
 
     def fingerprint(self) -> str:
+        """The content's hash; for a pattern, each matched file's name and content; for
+        remote objects (not downloaded twice), each object's name, size and last-modified time."""
         digest = hashlib.sha256()
-        with self.path.open("rb") as handle:
-            while chunk := handle.read(1 << 20):
-                digest.update(chunk)
+        if self.remote:
+            listing = self.con.execute(
+                "SELECT filename, size, last_modified FROM read_blob(?) ORDER BY filename", [str(self.path)]
+            ).fetchall()
+            for name, size, modified in listing:
+                digest.update(f"{name}\t{size}\t{modified.isoformat()}\n".encode())
+            return f"objects-sha256:{digest.hexdigest()}"
+        files = sorted(glob.glob(str(self.path))) if self.pattern else [str(self.path)]
+        for name in files:
+            if self.pattern:
+                digest.update(f"{name}\n".encode())
+            with open(name, "rb") as handle:
+                while chunk := handle.read(1 << 20):
+                    digest.update(chunk)
         return f"sha256:{digest.hexdigest()}"
 
     def text_rows(self, columns: tuple[str, ...]) -> Iterator[tuple[int, tuple[str | None, ...]]]:
@@ -346,21 +378,23 @@ class RawEventsFile:
         checks = _row_checks(columns)
         bad = " ".join(f"WHEN {test} THEN '{name}'" for name, test in checks)
         shown = " ".join(f"WHEN '{name}' THEN {_TEXT_OF[name]}" for name, _ in checks)
-        relation = self.table.relation(RAW_FIELDS)
+        pattern = self.table.pattern
+        relation = self.table.relation(RAW_FIELDS, filename=pattern)
+        source = "filename" if pattern else "NULL"
         sql = f"""
-            SELECT n, bad, CASE bad {shown} END FROM (
-                SELECT row_number() OVER () - 1 AS n, CASE {bad} END AS bad, *
-                FROM (SELECT {_select_events(columns)} FROM {relation})
-            ) WHERE bad IS NOT NULL ORDER BY n LIMIT 1"""
+            SELECT file, n, bad, CASE bad {shown} END FROM (
+                SELECT file, row_number() OVER (PARTITION BY file) - 1 AS n, CASE {bad} END AS bad, *
+                FROM (SELECT {source} AS file, {_select_events(columns)} FROM {relation})
+            ) WHERE bad IS NOT NULL ORDER BY file, n LIMIT 1"""
         self.table.con.execute("SET preserve_insertion_order = true")
-        index, column, value = self.table.con.execute(sql).fetchone()  # type: ignore[misc]
+        file, index, column, value = self.table.con.execute(sql).fetchone()  # type: ignore[misc]
         if value is None or not value.strip():
             problem = "is empty"
         elif column == "quantity":
             problem = f"not a decimal number ({value!r})"
         else:
             problem = f"not an ISO-8601 timestamp or Unix seconds ({value!r})"
-        return InputError(f"{self.table.path}: {self.table.where(index)}: {column}: {problem}")
+        return InputError(f"{file or self.table.path}: {self.table.where(index)}: {column}: {problem}")
 
 
 _TEXT_OF = {
@@ -559,6 +593,46 @@ class _Watch:
         self.done.set()
         if self.thread is not None:
             self.thread.join()
+
+
+def enable_remote(con: duckdb.DuckDBPyConnection, url: str, environ: Mapping[str, str] | None = None) -> None:
+    """Load DuckDB's httpfs extension and give it the standard AWS variables as an S3 secret."""
+    try:
+        con.execute("LOAD httpfs")
+    except duckdb.Error:
+        try:
+            con.execute("INSTALL httpfs")
+            con.execute("LOAD httpfs")
+        except duckdb.Error as exc:
+            raise InputError(
+                f"{url}: DuckDB's httpfs extension is needed to read it and could not be installed "
+                f"({_first_line(exc)}); run `INSTALL httpfs` in DuckDB on a machine that can download it"
+            ) from None
+    options = s3_secret(os.environ if environ is None else environ)
+    if options:
+        spec = ", ".join(f"{key} {_quote_literal(value)}" for key, value in options.items())
+        con.execute(f"CREATE OR REPLACE SECRET recon_s3 (TYPE s3, {spec})")
+
+
+def s3_secret(environ: Mapping[str, str]) -> dict[str, str]:
+    """S3 secret options from AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY, AWS_SESSION_TOKEN,
+    AWS_REGION (or AWS_DEFAULT_REGION) and AWS_ENDPOINT_URL (an S3-compatible server)."""
+    options: dict[str, str] = {}
+    for key, name in (("KEY_ID", "AWS_ACCESS_KEY_ID"), ("SECRET", "AWS_SECRET_ACCESS_KEY")):
+        if environ.get(name):
+            options[key] = environ[name]
+    if environ.get("AWS_SESSION_TOKEN"):
+        options["SESSION_TOKEN"] = environ["AWS_SESSION_TOKEN"]
+    region = environ.get("AWS_REGION") or environ.get("AWS_DEFAULT_REGION")
+    if region:
+        options["REGION"] = region
+    endpoint = environ.get("AWS_ENDPOINT_URL_S3") or environ.get("AWS_ENDPOINT_URL")
+    if endpoint:
+        parts = urlsplit(endpoint if "://" in endpoint else f"https://{endpoint}")
+        options["ENDPOINT"] = parts.netloc
+        options["URL_STYLE"] = "path"
+        options["USE_SSL"] = "true" if parts.scheme == "https" else "false"
+    return options
 
 
 def _ts(moment: datetime) -> str:

@@ -99,6 +99,20 @@ class PeriodRules:
         return ZoneInfo(self.timezone)
 
 
+RAW_TABLE_FIELDS = ("event_id", "customer_id", "meter", "timestamp", "quantity", "received_at")
+
+
+@dataclass(frozen=True)
+class RawTable:
+    """Where raw events live in a database: the table and, for each canonical field, its column."""
+
+    name: str = "usage_events"  # `table` or `schema.table`
+    columns: tuple[tuple[str, str], ...] = tuple((f, f) for f in RAW_TABLE_FIELDS)
+
+    def column(self, field: str) -> str:
+        return dict(self.columns)[field]
+
+
 @dataclass(frozen=True)
 class Schedule:
     """`[schedule]`: the period close the worker runs by itself, `close_after` past each
@@ -112,6 +126,7 @@ class Sources:
     raw: str | None = None
     metered: str | None = None
     invoiced: str | None = None
+    raw_table: RawTable = field(default_factory=RawTable)
 
 
 @dataclass(frozen=True)
@@ -281,8 +296,21 @@ def _period(table: Any) -> PeriodRules:
 
 def _sources(table: Any) -> Sources:
     table = _table(table, "sources")
-    _only(table, {"raw", "metered", "invoiced"}, "sources")
-    return Sources(**{k: _str(v, f"sources.{k}") for k, v in table.items()})
+    _only(table, {"raw", "metered", "invoiced", "raw_table"}, "sources")
+    paths = {k: _str(v, f"sources.{k}") for k, v in table.items() if k != "raw_table"}
+    return Sources(**paths, raw_table=_raw_table(table.get("raw_table", {})))
+
+
+def _raw_table(table: Any) -> RawTable:
+    """`[sources.raw_table]`: the table's name and a column name for each canonical field."""
+    where = "sources.raw_table"
+    table = _table(table, where)
+    _only(table, {"name", *RAW_TABLE_FIELDS}, where)
+    name = _str(table.get("name", RawTable.name), f"{where}.name")
+    if any(not part for part in name.split(".")) or name.count(".") > 1:
+        raise ConfigError(f"{where}.name: must be 'table' or 'schema.table' (got {name!r})")
+    columns = tuple((f, _str(table.get(f, f), f"{where}.{f}")) for f in RAW_TABLE_FIELDS)
+    return RawTable(name=name, columns=columns)
 
 
 def _meters(items: Any, period: PeriodRules) -> dict[str, Meter]:
