@@ -14,7 +14,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from datetime import datetime
-from decimal import Decimal
+from decimal import ROUND_HALF_UP, Decimal
 
 from rules.config import Meter, PlanChange
 from rules.match import ZERO, KeyFacts
@@ -70,6 +70,9 @@ def judge(
 ) -> ReconLine:
     if meter is None or not facts.customer_id:
         return _unmapped(facts, meter, period, evidence_limit, None)
+    agreed = _plain_match(facts, meter, period)
+    if agreed is not None:
+        return agreed
     foreign = [ln.currency for ln in facts.lines if ln.currency != meter.currency]
     if foreign:
         foreign = sorted(set(foreign))
@@ -118,6 +121,72 @@ def judge(
     )
 
 
+def _plain_match(facts: KeyFacts, meter: Meter, period: Period) -> ReconLine | None:
+    """The verdict on a plain key whose units and amount agree; None for any other key.
+
+    A plain key has one usage line in the meter's currency, nothing late, no catch-up, no
+    duplicates and a meter without plan changes: most keys of a book. The rules are the
+    whole path's with its readings reduced to the one a plain key has (on time = raw, no
+    adjustments, no proration, no drift), so a disagreement is left to the whole path."""
+    if meter.plan or len(facts.lines) != 1:
+        return None
+    line = facts.lines[0]
+    currency = meter.currency
+    if line.kind != "usage" or line.currency != currency:
+        return None
+    if facts.late or facts.catchup or facts.dropped_copies or facts.late_ids or facts.catchup_ids:
+        return None
+    if facts.duplicate_ids:
+        return None
+    raw = _convert(facts.raw, meter)
+    if facts.metered is None:
+        metered = ZERO
+    else:
+        metered = raw if facts.metered == facts.raw else _convert(facts.metered, meter)
+    invoiced = ZERO + line.quantity
+    tolerance = meter.tolerance
+    if abs(metered - raw) > tolerance or abs(invoiced - metered) > tolerance:
+        return None
+    included, pricing = meter.included, meter.pricing
+    cent = minor_unit(currency)
+    expected = price(pricing, raw - included).quantize(cent, rounding=ROUND_HALF_UP)
+    if invoiced == raw:
+        priced = expected
+    else:
+        priced = price(pricing, invoiced - included).quantize(cent, rounding=ROUND_HALF_UP)
+    usage = ZERO + line.amount
+    if priced != usage:
+        return None
+    nothing = raw - raw  # late and catch-up units: none, at the units' precision
+    return ReconLine(
+        facts.customer_id,
+        facts.meter,
+        period,
+        raw,
+        nothing,
+        nothing,
+        metered,
+        invoiced,
+        max(raw - included, ZERO),
+        max(invoiced - included, ZERO),
+        expected,
+        usage.quantize(cent, rounding=ROUND_HALF_UP),  # adjustments are none
+        ZERO.quantize(cent),
+        raw - invoiced,
+        (expected - usage).quantize(cent, rounding=ROUND_HALF_UP),
+        currency,
+        "match",
+        "none",
+        "raw, metered and invoiced agree",
+        Evidence((), (), (), (line.line_id,), (line.invoice_id,), ()),
+    )
+
+
+def _convert(raw: Decimal, meter: Meter) -> Decimal:
+    """Raw units in the meter's billable units."""
+    return billable_units(raw, meter.unit_size, meter.rounding, meter.precision)
+
+
 def _money(
     facts: KeyFacts,
     meter: Meter,
@@ -142,18 +211,15 @@ def _money(
 
 
 def _units(facts: KeyFacts, meter: Meter) -> Units:
-    def convert(raw: Decimal) -> Decimal:
-        return billable_units(raw, meter.unit_size, meter.rounding, meter.precision)
-
     # Billable units depend on the raw quantity's value only, so a conversion of the same
     # value is reused (most keys have no late events, no catch-up, and the meter agrees).
-    raw = convert(facts.raw)
-    own_on_time = convert(facts.raw - facts.late) if facts.late else raw
-    on_time = convert(facts.raw - facts.late + facts.catchup) if facts.catchup else own_on_time
+    raw = _convert(facts.raw, meter)
+    own_on_time = _convert(facts.raw - facts.late, meter) if facts.late else raw
+    on_time = _convert(facts.raw - facts.late + facts.catchup, meter) if facts.catchup else own_on_time
     if facts.metered is None:
         metered = ZERO
     else:
-        metered = raw if facts.metered == facts.raw else convert(facts.metered)
+        metered = raw if facts.metered == facts.raw else _convert(facts.metered, meter)
     return Units(
         raw=raw,
         late=raw - own_on_time,
@@ -161,7 +227,7 @@ def _units(facts: KeyFacts, meter: Meter) -> Units:
         metered=metered,
         invoiced=sum((ln.quantity for ln in facts.lines if ln.kind in ("usage", "proration")), ZERO),
         on_time=on_time,
-        with_late=convert(facts.raw + facts.catchup) if facts.catchup else raw,
+        with_late=_convert(facts.raw + facts.catchup, meter) if facts.catchup else raw,
         without_catchup=own_on_time,
     )
 

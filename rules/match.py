@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 from dataclasses import dataclass
+from datetime import datetime
 from decimal import Decimal
 
 from rules.models import InvoiceLine, MeteredRecord, RawAggregate
@@ -60,23 +61,38 @@ def join(
 ) -> Joined:
     """Group the three records by key; `customers`, when given, keeps only those."""
     joined = Joined(facts={})
-    wanted = (lambda c: c in customers) if customers else (lambda c: True)
+    every = not customers
+    found = joined.facts
     for aggregate in raw:
-        if wanted(aggregate.customer_id):
-            _add_raw(joined.facts, timeline, aggregate)
+        if every or aggregate.customer_id in customers:
+            _add_raw(found, timeline, aggregate)
+    # A book's records name few distinct periods: each one's index is looked up once.
+    period_of: dict[tuple[datetime, datetime], int | None] = {}
     for record in metered:
-        index = timeline.period_of(record.period_start, record.period_end)
+        bounds = (record.period_start, record.period_end)
+        index = period_of.get(bounds, -1)
+        if index == -1:
+            index = period_of[bounds] = timeline.period_of(*bounds)
         if index is None:
             joined.out_of_scope_metered += 1
-        elif wanted(record.customer_id):
-            facts = _facts(joined.facts, record.customer_id, record.meter, index)
+        elif every or record.customer_id in customers:
+            key = (record.customer_id, record.meter, index)
+            facts = found.get(key)
+            if facts is None:
+                facts = found[key] = KeyFacts(*key)
             facts.metered = (facts.metered or ZERO) + record.quantity
     for line in lines:
-        index = timeline.period_of(line.period_start, line.period_end)
+        bounds = (line.period_start, line.period_end)
+        index = period_of.get(bounds, -1)
+        if index == -1:
+            index = period_of[bounds] = timeline.period_of(*bounds)
         if index is None:
             joined.out_of_scope_lines += 1
-        elif wanted(line.customer_id):
-            facts = _facts(joined.facts, line.customer_id, line.meter, index)
+        elif every or line.customer_id in customers:
+            key = (line.customer_id, line.meter, index)
+            facts = found.get(key)
+            if facts is None:
+                facts = found[key] = KeyFacts(*key)
             facts.lines = (*facts.lines, line)
     return joined
 

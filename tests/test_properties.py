@@ -3,11 +3,20 @@
 from __future__ import annotations
 
 import random
+from dataclasses import replace
+from datetime import UTC, datetime
 from decimal import ROUND_CEILING, Decimal
 
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from rules.classify import judge
+from rules.config import Meter, PlanChange
+from rules.match import KeyFacts
+from rules.models import InvoiceLine, Period
+from rules.pricing import Pricing, Tier, billable_units, price, round_money
+from rules.report import line_json
+from rules.timeline import Segment
 from tests.book import event, line, metered, reconcile_book, write_book
 
 CUSTOMERS = ["cus_a", "cus_b", "cus_c"]
@@ -96,3 +105,67 @@ def test_delta_amounts_over_classes_add_up_to_incurred_minus_invoiced(
     by_class = sum(Decimal(c["amount"]) for c in report["summary"]["classes"].values())
     invoiced = sum(Decimal(cents) / 100 for *_, cents in generated_lines)
     assert by_class == incurred_amount(generated_events) - invoiced
+
+
+# A plain key (one usage line, nothing late, no duplicates, no plan) that agrees is settled in
+# one step; a plan change before the period to the same terms sends the same key down the
+# whole path, which must give the same verdict.
+OCTOBER = Period(datetime(2026, 10, 1, tzinfo=UTC), datetime(2026, 11, 1, tzinfo=UTC), "2026-10")
+quantities = st.decimals(min_value=0, max_value=100_000, places=2, allow_nan=False, allow_infinity=False)
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    raw=quantities,
+    metered_as=st.sampled_from(["raw", "none", "other"]),
+    other=quantities,
+    invoiced_as=st.sampled_from(["billable", "other"]),
+    amount_as=st.sampled_from(["priced", "other"]),
+    cents=st.integers(0, 500_000),
+    unit_size=st.sampled_from([Decimal(1), Decimal(10), Decimal("0.5")]),
+    rounding=st.sampled_from(["up", "down", "half_up"]),
+    precision=st.integers(0, 2),
+    included=st.sampled_from([Decimal(0), Decimal(50), Decimal("1000.5")]),
+    pricing=st.sampled_from(
+        [
+            Pricing(unit_price=Decimal("0.02")),
+            Pricing(model="package", package_size=Decimal(100), package_price=Decimal("1.5")),
+            Pricing(model="graduated", tiers=(Tier(Decimal(100), Decimal("0.1")), Tier(None, Decimal("0.013")))),
+        ]
+    ),
+    tolerance=st.sampled_from([Decimal(0), Decimal(1)]),
+    currency=st.sampled_from(["usd", "jpy"]),
+)
+def test_a_plain_key_gets_the_whole_paths_verdict(
+    raw,
+    metered_as,
+    other,
+    invoiced_as,
+    amount_as,
+    cents,
+    unit_size,
+    rounding,
+    precision,
+    included,
+    pricing,
+    tolerance,
+    currency,
+):
+    meter = Meter("api_calls", unit_size, rounding, precision, included, pricing, currency, tolerance)
+    billable = billable_units(raw, unit_size, rounding, precision)
+    quantity = billable if invoiced_as == "billable" else other
+    if amount_as == "priced":
+        amount = round_money(price(pricing, quantity - included), currency)
+    else:
+        amount = Decimal(cents) / 100
+    usage = InvoiceLine(
+        "in_1", "il_1", "cus_a", "api_calls", OCTOBER.start, OCTOBER.end, quantity, amount, currency, "usage"
+    )
+    facts = KeyFacts("cus_a", "api_calls", 0, raw=raw, lines=(usage,))
+    facts.metered = {"raw": raw, "none": None, "other": other}[metered_as]
+    planned = replace(meter, plan=(PlanChange(datetime(2026, 9, 1, tzinfo=UTC), included, pricing),))
+    segments = {0: Segment(OCTOBER.start, OCTOBER.end, 0)}
+    # Compared as the report writes them: the same digits, not only equal values.
+    assert line_json(judge(facts, meter, OCTOBER, segments, 5)) == line_json(
+        judge(facts, planned, OCTOBER, segments, 5)
+    )
