@@ -40,6 +40,7 @@ from pathlib import Path
 from typing import Any
 
 import sqlite_utils
+from tenacity import Retrying, retry_if_exception, stop_after_delay, wait_exponential
 
 MIGRATION_LOCK = 7_203_114_905  # the PostgreSQL advisory lock key held while migrating
 
@@ -56,6 +57,24 @@ class DatabaseError(RuntimeError):
     """The database cannot be reached or opened (the message names it, never its password)."""
 
 
+def _locked(exc: BaseException) -> bool:
+    return isinstance(exc, sqlite3.OperationalError) and "locked" in str(exc)
+
+
+def _write_ahead_log(conn: sqlite3.Connection) -> None:
+    """Switch the file to WAL. On a new file another process may hold its first write (the
+    migration) while we ask: that answers "locked" at once, without waiting, so retry."""
+    retrying = Retrying(
+        retry=retry_if_exception(_locked),
+        stop=stop_after_delay(30),
+        wait=wait_exponential(multiplier=0.005, max=0.25),
+        reraise=True,
+    )
+    for attempt in retrying:
+        with attempt:
+            conn.execute("PRAGMA journal_mode = WAL")
+
+
 class SqliteBackend:
     dialect = "sqlite"
 
@@ -67,7 +86,7 @@ class SqliteBackend:
             else:
                 Path(path).parent.mkdir(parents=True, exist_ok=True)
                 conn = sqlite3.connect(path, timeout=30, isolation_level=None, check_same_thread=False)
-                conn.execute("PRAGMA journal_mode = WAL")
+                _write_ahead_log(conn)
                 conn.execute("PRAGMA synchronous = NORMAL")
         except (sqlite3.Error, OSError) as exc:
             raise DatabaseError(f"cannot open database {path}: {exc}") from None
