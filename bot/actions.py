@@ -15,7 +15,7 @@
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from datetime import datetime
 from decimal import Decimal
 from typing import Any
@@ -38,12 +38,24 @@ class Decider:
         store: Store,
         config: Config,
         router: Router,
-        writeback: Callable[[], WriteBack] | None,
-        platform: str = "stripe",
+        writebacks: Mapping[str, Callable[[], WriteBack]],
     ) -> None:
+        """`writebacks`: a connector factory per platform with an API key (`stripe`, `orb`)."""
         self.store, self.config, self.router = store, config, router
         self.log = RoutingLog(store)
-        self.writeback, self.platform = writeback, platform
+        self.writebacks = writebacks
+
+    def platform_of(self, run_id: str) -> str:
+        """Where a key's correction is written: the platform whose invoice event made its run;
+        for a run from files or the period close, the platform the config reads billing from;
+        else the only platform with a key."""
+        for candidate in (self.store.run_provider(run_id), self.config.sources.platform):
+            if candidate in self.writebacks:
+                return candidate
+        if len(self.writebacks) == 1:
+            return next(iter(self.writebacks))
+        configured = ", ".join(sorted(self.writebacks)) or "none"
+        raise UpstreamRejected(f"run {run_id}: cannot tell which platform bills it (API keys: {configured})")
 
     def handle(self, payload: dict[str, Any], event_id: str) -> str:
         """Act on a block_actions payload; returns what happened (for the worker's log)."""
@@ -102,14 +114,13 @@ class Decider:
         idempotency_key = writeback_key(kind, key)
         if self.log.writeback(idempotency_key) is not None:
             return
-        if self.writeback is None:
-            raise UpstreamRejected(f"{self.platform}: no API key configured for the write-back")
-        platform_id = self._write(kind, key, line, run_id, idempotency_key)
+        platform = self.platform_of(run_id)
+        platform_id = self._write(self.writebacks[platform](), kind, key, line, run_id, idempotency_key)
         self.log.save_writeback(
             idempotency_key,
             key,
             {
-                "platform": self.platform,
+                "platform": platform,
                 "kind": kind,
                 "amount": str(abs(Decimal(line["delta_amount"]))),
                 "currency": line["currency"],
@@ -118,9 +129,9 @@ class Decider:
             run_id,
         )
 
-    def _write(self, kind: str, key: str, line: dict[str, Any], run_id: str, idempotency_key: str) -> str:
-        assert self.writeback is not None
-        target = self.writeback()
+    def _write(
+        self, target: WriteBack, kind: str, key: str, line: dict[str, Any], run_id: str, idempotency_key: str
+    ) -> str:
         customer, meter, period = split_key(key)
         amount = abs(Decimal(line["delta_amount"]))
         invoice_id = next(iter(line["evidence"].get("invoice_ids") or []), None) or self.store.run_invoice(run_id)

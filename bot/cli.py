@@ -21,7 +21,7 @@ from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 from bot import render
 from bot.config import Settings, SettingsError
 from bot.handlers import NotConfigured
-from bot.schedule import configured_platform, enqueue_close
+from bot.schedule import enqueue_close
 from bot.service import RunResult, SourcePaths, reconcile_files, reconcile_platform
 from bot.store import Store, StoreError
 from connectors.base import InputError, InvoiceBilling
@@ -122,7 +122,7 @@ def reconcile(
     if route:
         from bot.runtime import build_router
 
-        route_and_report(build_router(settings, config, store), result.report["run_id"], err=True)
+        route_and_report(build_router(settings, config, store), result.head["run_id"], err=True)
 
 
 def route_and_report(router: Any, run_id: str, err: bool) -> None:
@@ -153,7 +153,7 @@ def billing_platform(config: Config, flag: str | None, metered: Path | None, inv
         return None if flag == "files" else flag
     if metered is not None or invoiced is not None:
         return None
-    return configured_platform(config)
+    return config.sources.platform
 
 
 def platform_connector(settings: Settings, config: Config, platform: str) -> InvoiceBilling:
@@ -235,7 +235,7 @@ def demo(out_dir: Path | None, fmt: str) -> None:
     """Reconcile a bundled sample book: every class, with no credentials and no network."""
     from bot.demo import run_demo
 
-    run_demo(Settings.from_env(), out_dir, fmt)
+    run_demo(out_dir, fmt)
 
 
 @main.command()

@@ -29,7 +29,6 @@ from rich.console import Console
 from rich.table import Table
 
 from bot import render
-from bot.config import Settings
 from bot.routing import Outbox, Router, Sent
 from bot.service import SourcePaths, reconcile_files
 from bot.store import Store
@@ -245,13 +244,20 @@ def _write_csv(path: Path, header: tuple[str, ...], rows: list[list[str]]) -> No
         writer.writerows(rows)
 
 
-def run_demo(settings: Settings, out_dir: Path | None, fmt: str) -> None:
+def demo_database(out_dir: Path | None) -> str:
+    """The demo's own SQLite file (in `--out`, else here), never RECON_DATABASE_URL: the sample
+    customers must not reach a real period's digest or watch-list."""
+    return f"sqlite:///{((out_dir or Path.cwd()) / 'recon-demo.db').resolve()}"
+
+
+def run_demo(out_dir: Path | None, fmt: str) -> None:
+    database_url = demo_database(out_dir)
     with tempfile.TemporaryDirectory(prefix="recon-demo-") as scratch:
         folder = out_dir or Path(scratch)
         config_path = write_book(folder)
         config = parse_config(config_path.read_text(encoding="utf-8"))
         sources = SourcePaths(folder / "raw_events.csv", folder / "metered.csv", folder / "invoiced.csv")
-        store = Store.open(settings.database_url)
+        store = Store.open(database_url)
         result = reconcile_files(config, sources, None, store)
     if fmt == "json":
         click.echo(render.as_json(result.report), nl=False)
@@ -260,10 +266,10 @@ def run_demo(settings: Settings, out_dir: Path | None, fmt: str) -> None:
     console.print(f"[bold]overage-recon demo[/]: a sample book of {len(sample_book().raw)} raw events, Sep–Oct 2026")
     render.print_table(result.report, console)
     router = Router(store, config, Outbox(), public_url="https://recon.example.com", dry_run=True)
-    print_routing(router.route_run(result.report["run_id"]), console)
+    print_routing(router.route_run(result.head["run_id"]), console)
     render.print_watchlist(store.watchlist(include_closed=True), console)
     stored = "stored" if result.stored else "already stored (same inputs, nothing new written)"
-    console.print(f"Run {result.report['run_id']} {stored} in {settings.database_url}")
+    console.print(f"Run {result.head['run_id']} {stored} in {database_url} (the demo's own database)")
     if out_dir:
         console.print(f"The sample book is in {out_dir}; try: recon reconcile --config {out_dir / 'recon.toml'}")
 

@@ -6,6 +6,7 @@ import hashlib
 import time
 from collections.abc import Callable
 from datetime import UTC, datetime
+from typing import Any
 
 from bot.actions import Decider
 from bot.config import Settings
@@ -48,10 +49,7 @@ def build_context(settings: Settings, config: Config) -> Context:
     billing = connectors(settings, config)
     store = Store.open(settings.database_url)
     router = build_router(settings, config, store)
-    decider = None
-    if settings.slack_bot_token:
-        platform = "stripe" if "stripe" in billing or "orb" not in billing else "orb"  # write-backs go here
-        decider = Decider(store, config, router, billing.get(platform), platform)  # type: ignore[arg-type]
+    decider = Decider(store, config, router, billing) if settings.slack_bot_token else None  # type: ignore[arg-type]
     return Context(config, settings.config_path, store, billing, router, decider)
 
 
@@ -78,11 +76,13 @@ def build_outbox(settings: Settings, config: Config) -> Outbox:
 def build_router(settings: Settings, config: Config, store: Store, dry_run: bool = False) -> Router:
     lookup = None
     key = config.routing.owner_metadata_key
-    if key and settings.stripe_api_key:
-        api_key, base = settings.stripe_api_key, settings.stripe_api_base
+    stripe_billing = connectors(settings, config).get("stripe")
+    if key and stripe_billing is not None:
+        stripe_factory = stripe_billing  # paced like every other Stripe call
 
         def lookup(customer_id: str) -> str | None:
-            return StripeBilling(make_client(api_key, base), config).customer_metadata(customer_id).get(key)
+            connector: Any = stripe_factory()
+            return connector.customer_metadata(customer_id).get(key)
 
     return Router(
         store,

@@ -22,13 +22,11 @@ from bot.signatures import InboundEvent
 from bot.store import Claimed, Store
 from bot.worker import Handler, Outcome, utc_now
 from connectors.raw import resolve
-from rules.config import Config
 from rules.models import Period
 from rules.periods import last_closed, parse_periods
 
 log = logging.getLogger(__name__)
 PROVIDER, CLOSE = "schedule", "period.close"
-PLATFORM_SOURCES = ("stripe:", "orb:")
 
 
 def enqueue_close(store: Store, period: Period) -> bool:
@@ -59,10 +57,10 @@ def schedule_handlers(context: Context) -> dict[tuple[str, str], Handler]:
         label = json.loads(claimed.body)["period"]
         periods = parse_periods(label, context.config.period.zone)
         result = reconcile_period(context, periods)
-        run_id = result.report["run_id"]
+        run_id = result.head["run_id"]
         if context.router is not None:
             context.router.route_run(run_id)
-        summary = result.report["summary"]
+        summary = result.head["summary"]
         log.info("period %s closed: run %s, %d keys, %d matched", label, run_id, summary["keys"], summary["matched"])
         return Outcome("done", run_id)
 
@@ -72,7 +70,7 @@ def schedule_handlers(context: Context) -> dict[tuple[str, str], Handler]:
 def reconcile_period(context: Context, periods: tuple[Period, ...]) -> RunResult:
     """Every customer over `periods`, from the sources the config names (files, or a platform's API)."""
     config, base = context.config, context.config_path.parent
-    platform = configured_platform(config)
+    platform = config.sources.platform
     if not config.sources.raw:
         raise NotConfigured("sources.raw: no raw events source in the config")
     raw = resolve(config.sources.raw, base)  # a path relative to the config, a pattern or a URL
@@ -82,15 +80,3 @@ def reconcile_period(context: Context, periods: tuple[Period, ...]) -> RunResult
         raise NotConfigured("sources.metered, sources.invoiced: both are needed for the period close")
     paths = SourcePaths(raw, base / config.sources.metered, base / config.sources.invoiced)
     return reconcile_files(config, paths, periods, context.store)
-
-
-def configured_platform(config: Config) -> str | None:
-    """`stripe` or `orb` when `[sources] metered`/`invoiced` name that platform, else None (files)."""
-    named = {
-        value.rstrip(":")
-        for value in (config.sources.metered, config.sources.invoiced)
-        if value and value.startswith(PLATFORM_SOURCES)
-    }
-    if len(named) > 1:
-        raise NotConfigured("sources: metered and invoiced must come from the same platform")
-    return named.pop() if named else None

@@ -520,6 +520,11 @@ class Store:
         latest = {(row["customer_id"], row["meter"]): row["line"] for row in rows}
         return [json.loads(latest[k]) for k in sorted(latest)]
 
+    def run_provider(self, run_id: str) -> str | None:
+        """The platform whose event made the run (`stripe`, `orb`), if an event made it."""
+        row = self.backend.one("SELECT provider FROM inbox WHERE run_id = ? ORDER BY received_at LIMIT 1", [run_id])
+        return row[0] if row else None
+
     def run_invoice(self, run_id: str) -> str | None:
         row = self.backend.one("SELECT invoice_id FROM runs WHERE run_id = ?", [run_id])
         return row[0] if row else None

@@ -128,6 +128,18 @@ class Sources:
     invoiced: str | None = None
     raw_table: RawTable = field(default_factory=RawTable)
 
+    @property
+    def platform(self) -> str | None:
+        """`stripe` or `orb` when `metered`/`invoiced` name that platform's API (`stripe:`,
+        `orb:`), None when they are files."""
+        named = {v.rstrip(":") for v in (self.metered, self.invoiced) if v in PLATFORM_SOURCES}
+        if len(named) > 1:
+            raise ConfigError("sources: metered and invoiced must come from the same platform")
+        return named.pop() if named else None
+
+
+PLATFORM_SOURCES = ("stripe:", "orb:")
+
 
 @dataclass(frozen=True)
 class Config:

@@ -95,18 +95,23 @@ def test_customer_filter(tmp_path):
     assert [ln["customer_id"] for ln in json.loads(result.stdout)["lines"]] == ["cus_b"]
 
 
-def test_demo_finds_every_class_and_clears_its_timing_item():
+def test_demo_finds_every_class_and_clears_its_timing_item(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
     result = recon("demo", "--format", "json")
     assert result.exit_code == 0, result.output
     report = json.loads(result.stdout)
     counts = {k: v["count"] for k, v in report["summary"]["classes"].items()}
     assert all(counts.values()), counts
+    # the demo keeps to its own database: nothing reaches the configured one
+    assert Store.open(Settings.from_env().database_url).count("runs") == 0
+    monkeypatch.setenv("RECON_DATABASE_URL", f"sqlite:///{tmp_path / 'recon-demo.db'}")
     watch = json.loads(recon("watchlist", "--all", "--format", "json").stdout)
     assert [(i["customer_id"], i["period"], i["status"]) for i in watch] == [("cus_umbrella", "2026-09", "cleared")]
     assert watch[0]["cleared_by"]["run_id"] == report["run_id"]
 
 
-def test_demo_table_shows_routing_dry_run():
+def test_demo_table_shows_routing_dry_run(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
     result = recon("demo")
     assert result.exit_code == 0
     assert "Routing (dry run" in result.stdout

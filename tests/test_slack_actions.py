@@ -59,7 +59,7 @@ def world(tmp_path, slack, extra: str = ""):
         return StripeBilling(make_client("sk_test_1", BASE), config, wait_initial=0, wait_max=0)
 
     context = Context(
-        config, tmp_path / "recon.toml", store, {}, router, Decider(store, config, router, stripe_writeback)
+        config, tmp_path / "recon.toml", store, {}, router, Decider(store, config, router, {"stripe": stripe_writeback})
     )
     app = create_app(Settings(database_url=url, slack_signing_secret=SECRET))
     return app, context
