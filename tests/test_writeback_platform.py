@@ -15,22 +15,17 @@ from rules.config import parse_config
 from tests.book import RAW, write_csv
 from tests.orb_fake import BASE, CUSTOMER, INVOICE, NOV, OCT, invoice, line_item, page, serve_invoice, serve_usage
 from tests.slack_fake import FakeSlack, block_actions
+from tests.test_orb_flow import CONFIG as ORB_CONFIG
 from tests.test_orb_webhooks import invoice_issued
 
-CONFIG = """
-[sources]
-raw = "raw.csv"
-
-[[meters]]
-name = "api_calls"
-unit_price = "2.00"
-included = 50
-orb_metric = "metric_api"
-
+CONFIG = (
+    ORB_CONFIG
+    + """
 [[routes]]
 class = "under_bill"
 to = "slack:#revops"
 """
+)
 NOW = datetime.now(UTC) + timedelta(days=1)
 
 
