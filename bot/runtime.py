@@ -113,7 +113,7 @@ def sweep_now(context: Context) -> int:
 
 def sweep_due(context: Context, settings: Settings, every: float) -> Callable[[], None]:
     """A sweep that runs at most once every `every` seconds (called when the inbox is idle)."""
-    last = [float("-inf")]
+    last = [float("-inf")]  # float ok: a monotonic clock reading
 
     def maybe() -> None:
         if time.monotonic() - last[0] >= every:

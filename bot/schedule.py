@@ -38,7 +38,7 @@ def enqueue_close(store: Store, period: Period) -> bool:
 def close_due(context: Context, every: float = 60, clock: Callable[[], datetime] = utc_now) -> Callable[[], None]:
     """For the worker's idle loop: at most every `every` seconds, ask for the latest closed
     period's close (a no-op once asked for). Nothing without `[schedule]`."""
-    last = [float("-inf")]
+    last = [float("-inf")]  # float ok: a monotonic clock reading
 
     def maybe() -> None:
         schedule = context.config.schedule

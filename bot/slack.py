@@ -55,7 +55,7 @@ class PacedRateLimitHandler(RateLimitErrorRetryHandler):
             raise error  # type: ignore[misc]
         state.next_attempt_requested = True
         wait = next((v[0] for k, v in response.headers.items() if k.lower() == "retry-after"), "1")
-        self.sleep(float(wait))
+        self.sleep(float(wait))  # float ok: Retry-After seconds
         state.increment_current_attempt()
 
 

@@ -100,7 +100,26 @@ def adf(request: TicketRequest) -> dict[str, Any]:
     return {"type": "doc", "version": 1, "content": content}
 
 
-class JiraQueue:
+class SearchFirst:
+    """A queue that looks for the key's ticket before opening one, on every attempt: a create
+    that timed out but landed is found by the retry instead of opened twice."""
+
+    retry: Retrying
+
+    def open(self, request: TicketRequest) -> Ticket:
+        return self.retry(self._open_once, request)
+
+    def _open_once(self, request: TicketRequest) -> Ticket:
+        return self.find(request.token) or self.create(request)
+
+    def find(self, token: str) -> Ticket | None:
+        raise NotImplementedError
+
+    def create(self, request: TicketRequest) -> Ticket:
+        raise NotImplementedError
+
+
+class JiraQueue(SearchFirst):
     name = "jira"
 
     def __init__(
@@ -119,12 +138,6 @@ class JiraQueue:
         self.session.auth = (email, api_token)
         self.session.headers.update({"Accept": "application/json"})
         self.retry = retry or retrying()
-
-    def open(self, request: TicketRequest) -> Ticket:
-        return self.retry(self._open_once, request)
-
-    def _open_once(self, request: TicketRequest) -> Ticket:
-        return self.find(request.token) or self.create(request)
 
     def find(self, token: str) -> Ticket | None:
         response = _send(
@@ -175,7 +188,7 @@ def markdown(request: TicketRequest) -> str:
     return "\n\n".join(parts)
 
 
-class LinearQueue:
+class LinearQueue(SearchFirst):
     name = "linear"
 
     def __init__(
@@ -191,12 +204,6 @@ class LinearQueue:
         self.session = session or requests.Session()
         self.session.headers.update({"Authorization": api_key, "Content-Type": "application/json"})
         self.retry = retry or retrying()
-
-    def open(self, request: TicketRequest) -> Ticket:
-        return self.retry(self._open_once, request)
-
-    def _open_once(self, request: TicketRequest) -> Ticket:
-        return self.find(request.token) or self.create(request)
 
     def find(self, token: str) -> Ticket | None:
         data = self._graphql("Linear issue search", LINEAR_FIND, {"marker": f"recon-key: {token}"})

@@ -515,7 +515,7 @@ def _error(response: requests.Response, what: str) -> ConnectorError:
 
 def _retry_after(value: str | None) -> float | None:
     try:
-        seconds = float(value) if value else None
+        seconds = float(value) if value else None  # float ok: seconds to wait, not money
     except ValueError:
         return None  # an HTTP date: fall back to our own backoff
     return seconds if seconds is not None and seconds >= 0 else None
@@ -530,7 +530,7 @@ def _honour_retry_after(
         exc = state.outcome.exception() if state.outcome else None
         asked = getattr(exc, "retry_after", None)
         if asked is not None and asked <= ceiling:
-            return float(asked)
+            return float(asked)  # float ok: seconds
         return backoff(state)
 
     return wait

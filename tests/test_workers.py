@@ -11,13 +11,13 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from collections import Counter
 from collections.abc import Callable, Iterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import pytest
+from tenacity import RetryError, Retrying, retry_if_result, stop_after_delay, wait_fixed
 
 from bot.service import event_run_id
 from bot.signatures import InboundEvent
@@ -28,12 +28,15 @@ LEASE_SECONDS = "1"
 
 
 def wait_for(condition: Callable[[], bool], what: str, timeout: float = 60.0) -> None:
-    """Poll until `condition` holds; fail naming `what` after `timeout` seconds."""
-    deadline = time.monotonic() + timeout
-    while not condition():
-        if time.monotonic() > deadline:
-            pytest.fail(f"timed out after {timeout:g} s waiting for {what}")
-        time.sleep(0.02)
+    """Check `condition` (the other processes' state in the database or a file) until it holds;
+    fail naming `what` after `timeout` seconds."""
+    checking = Retrying(
+        retry=retry_if_result(lambda held: not held), wait=wait_fixed(0.02), stop=stop_after_delay(timeout)
+    )
+    try:
+        checking(condition)
+    except RetryError:
+        pytest.fail(f"timed out after {timeout:g} s waiting for {what}")
 
 
 class Workers:
