@@ -2,11 +2,24 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator
+import logging
+import time
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import datetime
 from decimal import Decimal
-from typing import NamedTuple, Protocol
+from typing import Any, NamedTuple, Protocol
+from urllib.parse import quote
+
+from tenacity import (
+    RetryCallState,
+    Retrying,
+    retry_if_exception_type,
+    stop_after_attempt,
+    stop_before_delay,
+    wait_random_exponential,
+)
 
 from rules.models import InvoiceLine, MeteredRecord, RawAggregate
 from rules.timeline import Timeline
@@ -34,6 +47,49 @@ class UpstreamRejected(ConnectorError):
 
 class NothingToReconcile(UpstreamRejected):
     """The invoice carries no usage to reconcile (a one-off invoice with no line items, say)."""
+
+
+def retrying(
+    platform: str,
+    max_attempts: int,
+    max_elapsed: float,
+    wait_initial: float,
+    wait_max: float,
+    wait: Callable[[Any], float] | None = None,
+    sleep: Callable[[float], None] = time.sleep,
+) -> Retrying:
+    """A platform's one retry layer: `UpstreamUnavailable` retried with jittered exponential
+    waits (or `wait`, given the backoff), stopping at `max_attempts` or `max_elapsed` seconds."""
+    backoff = wait_random_exponential(multiplier=wait_initial, max=wait_max)
+    log = logging.getLogger(f"connectors.{platform}")
+
+    def log_retry(state: RetryCallState) -> None:
+        exc = state.outcome.exception() if state.outcome else None
+        request_id = getattr(exc, "request_id", None)
+        log.warning("%s retry attempt=%d request_id=%s error=%s", platform, state.attempt_number, request_id, exc)
+
+    return Retrying(
+        retry=retry_if_exception_type(UpstreamUnavailable),
+        stop=stop_after_attempt(max_attempts) | stop_before_delay(max_elapsed),
+        wait=wait or backoff,
+        before_sleep=log_retry,
+        sleep=sleep,
+        reraise=True,
+    )
+
+
+@contextmanager
+def unexpected_payload(platform: str, what: str) -> Iterator[None]:
+    """Turns a payload without the fields a connector reads into a one-line `ConnectorError`."""
+    try:
+        yield
+    except (KeyError, TypeError, ArithmeticError, AttributeError) as exc:
+        raise ConnectorError(f"{platform} {what}: unexpected payload ({exc!r})") from exc
+
+
+def path_segment(identifier: str) -> str:
+    """An id as one URL path segment (nothing in it can reach another path)."""
+    return quote(identifier, safe="")
 
 
 class InvoiceRecords(NamedTuple):

@@ -71,19 +71,13 @@ import json
 import logging
 import time
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 from typing import Any
-from urllib.parse import quote
 
 import requests
 from tenacity import (
     RetryCallState,
-    Retrying,
-    retry_if_exception_type,
-    stop_after_attempt,
-    stop_before_delay,
     wait_random_exponential,
 )
 
@@ -94,6 +88,9 @@ from connectors.base import (
     NothingToReconcile,
     UpstreamRejected,
     UpstreamUnavailable,
+    path_segment,
+    retrying,
+    unexpected_payload,
 )
 from connectors.pacing import Pace
 from connectors.stripe import merge_spans
@@ -160,21 +157,15 @@ class OrbBilling:
         self._by_metric = {m.orb_metric: m.name for m in config.meters.values() if m.orb_metric}
         self._by_item = {m.orb_item: m.name for m in config.meters.values() if m.orb_item}
         backoff = wait_random_exponential(multiplier=wait_initial, max=wait_max)
-        self._retrying = Retrying(
-            retry=retry_if_exception_type(UpstreamUnavailable),
-            stop=stop_after_attempt(max_attempts) | stop_before_delay(max_elapsed),
-            wait=_honour_retry_after(backoff, max_wait_retry_after),
-            before_sleep=_log_retry,
-            sleep=sleep,
-            reraise=True,
-        )
+        wait = _honour_retry_after(backoff, max_wait_retry_after)
+        self._retrying = retrying("orb", max_attempts, max_elapsed, wait_initial, wait_max, wait, sleep)
         self._customers: dict[str, str] = {}
 
     # -- reading ------------------------------------------------------------------------
 
     def invoice_records(self, invoice_id: str) -> InvoiceRecords:
         """The invoice's customer, usage period, lines (reductions included) and metered units."""
-        with _payload(f"invoice {invoice_id}"):
+        with unexpected_payload("Orb", f"invoice {invoice_id}"):
             records = self._invoice_records(invoice_id)
         log.info(
             "orb invoice=%s customer=%s lines=%d metered=%d",
@@ -203,7 +194,7 @@ class OrbBilling:
         params = {"invoice_date[gt]": _iso(since), "status[]": list(LISTED_STATUSES)}
         now = datetime.now(UTC)
         for invoice in self._paginate("/invoices", params):
-            with _payload("invoice list"):
+            with unexpected_payload("Orb", "invoice list"):
                 if _instant(invoice["invoice_date"]) > now:
                     continue
                 yield InvoiceSummary(
@@ -221,13 +212,13 @@ class OrbBilling:
         if self._identity == "id" or not orb_id:
             return orb_id
         if orb_id not in self._customers:
-            found = self._get(f"/customers/{_path(orb_id)}")
+            found = self._get(f"/customers/{path_segment(orb_id)}")
             value = (found.get("metadata") or {}).get(self._metadata_key)
             self._customers[orb_id] = str(value) if value else ""
         return self._customers[orb_id]
 
     def _invoice_records(self, invoice_id: str) -> InvoiceRecords:
-        invoice = self._get(f"/invoices/{_path(invoice_id)}")
+        invoice = self._get(f"/invoices/{path_segment(invoice_id)}")
         customer_id = self.customer_id(invoice.get("customer") or {})
         currency = str(invoice["currency"]).lower()
         items = [item for item in invoice["line_items"] if self._counts(item)]
@@ -304,7 +295,7 @@ class OrbBilling:
         for summary in invoice.get("credit_notes") or []:
             if summary.get("voided_at"):
                 continue
-            note = self._get(f"/credit_notes/{_path(summary['id'])}")
+            note = self._get(f"/credit_notes/{path_segment(summary['id'])}")
             if note.get("voided_at"):
                 continue
             for entry in note["line_items"]:
@@ -356,7 +347,7 @@ class OrbBilling:
     def _usage(self, subscription: str, start: datetime, end: datetime) -> dict[str, Decimal]:
         """Each billable metric's usage over `[start, end)`, summed exactly from daily windows."""
         body = self._get(
-            f"/subscriptions/{_path(subscription)}/usage",
+            f"/subscriptions/{path_segment(subscription)}/usage",
             {"timeframe_start": _iso(start), "timeframe_end": _iso(end), "view_mode": "periodic"},
         )
         totals: dict[str, Decimal] = {}
@@ -371,7 +362,7 @@ class OrbBilling:
     def hold_draft(self, invoice_id: str, reason: str, run_id: str) -> None:
         """Orb has no switch that stops a draft from issuing: mark the draft, and say so."""
         body = {"metadata": {"recon_hold": reason[:500], "recon_run_id": run_id}}
-        self._send("PUT", f"/invoices/{_path(invoice_id)}", body, f"recon-hold-{invoice_id}-{run_id}")
+        self._send("PUT", f"/invoices/{path_segment(invoice_id)}", body, f"recon-hold-{invoice_id}-{run_id}")
         log.warning(
             "orb invoice %s: marked recon_hold in its metadata; Orb cannot hold a draft, it will issue on schedule",
             invoice_id,
@@ -420,12 +411,14 @@ class OrbBilling:
     ) -> str:
         """A customer balance increment (applied to their next invoices); its transaction id."""
         if invoice_id:
-            orb_customer = str(self._get(f"/invoices/{_path(invoice_id)}")["customer"]["id"])
+            orb_customer = str(self._get(f"/invoices/{path_segment(invoice_id)}")["customer"]["id"])
             description = f"{description} (invoice {invoice_id})"
         else:
             orb_customer = self._orb_customer(customer_id)
         body = {"amount": str(abs(amount)), "type": "increment", "description": description}
-        created = self._send("POST", f"/customers/{_path(orb_customer)}/balance_transactions", body, idempotency_key)
+        created = self._send(
+            "POST", f"/customers/{path_segment(orb_customer)}/balance_transactions", body, idempotency_key
+        )
         return str(created["id"])
 
     def _draft_invoice(self, customer_id: str, currency: str) -> Json:
@@ -441,7 +434,7 @@ class OrbBilling:
     def _orb_customer(self, customer_id: str) -> str:
         if self._identity == "id":
             return customer_id
-        found = self._get(f"/customers/external_customer_id/{_path(customer_id)}")
+        found = self._get(f"/customers/external_customer_id/{path_segment(customer_id)}")
         return str(found["id"])
 
     def _customer_filter(self, customer_id: str) -> dict[str, str]:
@@ -536,20 +529,6 @@ def _honour_retry_after(
     return wait
 
 
-def _log_retry(state: RetryCallState) -> None:
-    exc = state.outcome.exception() if state.outcome else None
-    log.warning("orb retry attempt=%d error=%s", state.attempt_number, exc)
-
-
-@contextmanager
-def _payload(what: str) -> Iterator[None]:
-    """Turns a payload without the fields this module reads into a `ConnectorError`."""
-    try:
-        yield
-    except (KeyError, TypeError, ArithmeticError, AttributeError) as exc:
-        raise ConnectorError(f"Orb {what}: unexpected payload ({exc!r})") from exc
-
-
 # -- payload mapping ------------------------------------------------------------------------------
 
 
@@ -615,10 +594,6 @@ def _instant(value: Any) -> datetime:
 
 def _iso(moment: datetime) -> str:
     return moment.isoformat()
-
-
-def _path(identifier: str) -> str:
-    return quote(identifier, safe="")
 
 
 def _idempotency_key(key: str) -> str:

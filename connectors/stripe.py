@@ -67,21 +67,11 @@ from __future__ import annotations
 import json
 import logging
 from collections.abc import Iterable, Iterator
-from contextlib import contextmanager
 from datetime import UTC, datetime, timedelta
 from decimal import ROUND_HALF_UP, Decimal
 from typing import Any
-from urllib.parse import quote
 
 import stripe
-from tenacity import (
-    RetryCallState,
-    Retrying,
-    retry_if_exception_type,
-    stop_after_attempt,
-    stop_before_delay,
-    wait_random_exponential,
-)
 
 from connectors.base import (
     ConnectorError,
@@ -89,6 +79,9 @@ from connectors.base import (
     InvoiceSummary,
     UpstreamRejected,
     UpstreamUnavailable,
+    path_segment,
+    retrying,
+    unexpected_payload,
 )
 from connectors.pacing import Pace
 from rules.config import Config, ConfigError
@@ -152,13 +145,7 @@ class StripeBilling:
         self._metadata_key = _metadata_key(rule)
         self._by_price = {m.stripe_price: m.name for m in config.meters.values() if m.stripe_price}
         self._by_stripe_meter = {m.stripe_meter: m.name for m in config.meters.values() if m.stripe_meter}
-        self._retrying = Retrying(
-            retry=retry_if_exception_type(UpstreamUnavailable),
-            stop=stop_after_attempt(max_attempts) | stop_before_delay(max_elapsed),
-            wait=wait_random_exponential(multiplier=wait_initial, max=wait_max),
-            before_sleep=_log_retry,
-            reraise=True,
-        )
+        self._retrying = retrying("stripe", max_attempts, max_elapsed, wait_initial, wait_max)
         self._prices: dict[str, Json] = {}
         self._customers: dict[str, str] = {}
 
@@ -166,7 +153,7 @@ class StripeBilling:
 
     def invoice_records(self, invoice_id: str) -> InvoiceRecords:
         """The invoice's customer, usage period, lines (credit notes included) and metered units."""
-        with _payload(f"invoice {invoice_id}"):
+        with unexpected_payload("Stripe", f"invoice {invoice_id}"):
             records = self._invoice_records(invoice_id)
         log.info(
             "stripe invoice=%s customer=%s lines=%d metered=%d",
@@ -178,10 +165,10 @@ class StripeBilling:
         return records
 
     def _invoice_records(self, invoice_id: str) -> InvoiceRecords:
-        invoice = self._get(f"/v1/invoices/{_path(invoice_id)}")
+        invoice = self._get(f"/v1/invoices/{path_segment(invoice_id)}")
         stripe_customer = _id_of(invoice.get("customer"))
         customer_id = self.customer_id(stripe_customer)
-        pages = self._paginate(f"/v1/invoices/{_path(invoice_id)}/lines")
+        pages = self._paginate(f"/v1/invoices/{path_segment(invoice_id)}/lines")
         lines = [self._invoice_line(invoice_id, customer_id, line) for line in pages]
         period = self._usage_period(lines, invoice)
         credits = self._credit_lines(invoice_id, customer_id, lines, period)
@@ -279,12 +266,12 @@ class StripeBilling:
 
     def customer_metadata(self, customer_id: str) -> dict[str, str]:
         """The metadata of a product customer's Stripe customer (the CSM owner map may read it)."""
-        customer = self._get(f"/v1/customers/{_path(self.stripe_customer(customer_id))}")
+        customer = self._get(f"/v1/customers/{path_segment(self.stripe_customer(customer_id))}")
         return {str(k): str(v) for k, v in (customer.get("metadata") or {}).items()}
 
     def _customer_and_invoice(self, customer_id: str, invoice_id: str | None) -> tuple[str, Json | None]:
         if invoice_id:
-            invoice = self._get(f"/v1/invoices/{_path(invoice_id)}")
+            invoice = self._get(f"/v1/invoices/{path_segment(invoice_id)}")
             return _id_of(invoice.get("customer")) or self.stripe_customer(customer_id), invoice
         return self.stripe_customer(customer_id), None
 
@@ -306,7 +293,7 @@ class StripeBilling:
         if self._metadata_key is None or not stripe_customer:
             return stripe_customer
         if stripe_customer not in self._customers:
-            customer = self._get(f"/v1/customers/{_path(stripe_customer)}")
+            customer = self._get(f"/v1/customers/{path_segment(stripe_customer)}")
             value = (customer.get("metadata") or {}).get(self._metadata_key)
             self._customers[stripe_customer] = str(value) if value else ""
         return self._customers[stripe_customer]
@@ -314,7 +301,7 @@ class StripeBilling:
     def list_recent_invoices(self, created_after: datetime) -> Iterator[InvoiceSummary]:
         """Invoices created strictly after `created_after`, newest first, every page."""
         for invoice in self._paginate("/v1/invoices", created={"gt": _unix(created_after)}):
-            with _payload("invoice list"):
+            with unexpected_payload("Stripe", "invoice list"):
                 summary = InvoiceSummary(
                     id=invoice["id"],
                     customer=_id_of(invoice.get("customer")),
@@ -363,7 +350,7 @@ class StripeBilling:
 
     def _price(self, price_id: str) -> Json:
         if price_id not in self._prices:
-            self._prices[price_id] = self._get(f"/v1/prices/{_path(price_id)}")
+            self._prices[price_id] = self._get(f"/v1/prices/{path_segment(price_id)}")
         return self._prices[price_id]
 
     def _usage_period(self, lines: list[InvoiceLine], invoice: Json) -> Span:
@@ -408,7 +395,7 @@ class StripeBilling:
         if start_time >= end_time:
             return ZERO
         summaries = self._paginate(
-            f"/v1/billing/meters/{_path(stripe_meter)}/event_summaries",
+            f"/v1/billing/meters/{path_segment(stripe_meter)}/event_summaries",
             customer=stripe_customer,
             start_time=start_time,
             end_time=end_time,
@@ -487,21 +474,6 @@ def _is_transient(exc: stripe.StripeError) -> bool:
     if isinstance(exc, stripe.APIError):
         return exc.http_status is None or exc.http_status == 409 or exc.http_status >= 500
     return False
-
-
-@contextmanager
-def _payload(what: str) -> Iterator[None]:
-    """Turns a payload without the fields this module reads into a `ConnectorError`."""
-    try:
-        yield
-    except (KeyError, TypeError, ArithmeticError) as exc:
-        raise ConnectorError(f"Stripe {what}: unexpected payload ({exc!r})") from exc
-
-
-def _log_retry(state: RetryCallState) -> None:
-    exc = state.outcome.exception() if state.outcome else None
-    request_id = getattr(exc, "request_id", None)
-    log.warning("stripe retry attempt=%d request_id=%s error=%s", state.attempt_number, request_id, exc)
 
 
 # -- payload mapping ----------------------------------------------------------------
@@ -616,10 +588,6 @@ def _id_of(value: str | Json | None) -> str:
     if isinstance(value, dict):
         return str(value.get("id") or "")
     return value or ""
-
-
-def _path(identifier: str) -> str:
-    return quote(identifier, safe="")
 
 
 def _instant(seconds: int) -> datetime:
