@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import hashlib
-import time
 from collections.abc import Callable
 from datetime import UTC, datetime
 from typing import Any
@@ -16,7 +15,7 @@ from bot.schedule import schedule_handlers
 from bot.slack import SlackPoster
 from bot.store import Store
 from bot.tickets import JiraQueue, LinearQueue, Queue, WebhookSink
-from bot.worker import Worker
+from bot.worker import Worker, at_most_every
 from connectors.base import InvoiceBilling
 from connectors.orb import OrbBilling
 from connectors.pacing import Pace, pace_for
@@ -113,11 +112,4 @@ def sweep_now(context: Context) -> int:
 
 def sweep_due(context: Context, settings: Settings, every: float) -> Callable[[], None]:
     """A sweep that runs at most once every `every` seconds (called when the inbox is idle)."""
-    last = [float("-inf")]  # float ok: a monotonic clock reading
-
-    def maybe() -> None:
-        if time.monotonic() - last[0] >= every:
-            last[0] = time.monotonic()
-            sweep_now(context)
-
-    return maybe
+    return at_most_every(every, lambda: sweep_now(context))

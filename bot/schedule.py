@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import json
 import logging
-import time
 from collections.abc import Callable
 from datetime import datetime
 
@@ -20,7 +19,7 @@ from bot.handlers import Context, NotConfigured
 from bot.service import RunResult, SourcePaths, reconcile_files, reconcile_platform
 from bot.signatures import InboundEvent
 from bot.store import Claimed, Store
-from bot.worker import Handler, Outcome, utc_now
+from bot.worker import Handler, Outcome, at_most_every, utc_now
 from connectors.raw import resolve
 from rules.models import Period
 from rules.periods import last_closed, parse_periods
@@ -38,18 +37,16 @@ def enqueue_close(store: Store, period: Period) -> bool:
 def close_due(context: Context, every: float = 60, clock: Callable[[], datetime] = utc_now) -> Callable[[], None]:
     """For the worker's idle loop: at most every `every` seconds, ask for the latest closed
     period's close (a no-op once asked for). Nothing without `[schedule]`."""
-    last = [float("-inf")]  # float ok: a monotonic clock reading
 
-    def maybe() -> None:
+    def ask() -> None:
         schedule = context.config.schedule
-        if schedule is None or time.monotonic() - last[0] < every:
+        if schedule is None:
             return
-        last[0] = time.monotonic()
         period = last_closed(clock(), context.config.period.zone, schedule.close_after)
         if enqueue_close(context.store, period):
             log.info("period %s closed; its reconciliation is queued", period.label)
 
-    return maybe
+    return at_most_every(every, ask)
 
 
 def schedule_handlers(context: Context) -> dict[tuple[str, str], Handler]:

@@ -13,6 +13,7 @@ import logging
 import os
 import socket
 import threading
+import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
@@ -33,6 +34,18 @@ Handler = Callable[[Claimed], Outcome]
 
 def utc_now() -> datetime:
     return datetime.now(UTC)
+
+
+def at_most_every(seconds: float, action: Callable[[], object]) -> Callable[[], None]:
+    """`action`, run when called unless it ran less than `seconds` ago (for the idle loop)."""
+    last = [float("-inf")]  # float ok: a monotonic clock reading
+
+    def maybe() -> None:
+        if time.monotonic() - last[0] >= seconds:
+            last[0] = time.monotonic()
+            action()
+
+    return maybe
 
 
 def default_name() -> str:
