@@ -10,6 +10,8 @@ from decimal import Decimal
 from pathlib import Path
 from typing import Any
 
+import orjson
+
 from bot.store import RunRecord, Store
 from connectors.base import InvoiceBilling, period_records
 from connectors.files import FileBilling, RawEventsFile
@@ -19,7 +21,7 @@ from rules.match import Joined
 from rules.models import InvoiceLine, MeteredRecord, Period, RawAggregate, Report
 from rules.periods import infer_periods, label_for
 from rules.reconcile import CALCULATION_VERSION, reconcile, run_id_for, without_cyclic_gc
-from rules.report import report_head, report_json, report_lines
+from rules.report import line_text, report_head, report_json, report_lines
 from rules.timeline import build_timeline
 
 
@@ -32,15 +34,26 @@ class SourcePaths:
 
 @dataclass(frozen=True)
 class RunResult:
-    """A run's report: `head` (run id, period, summary) and its verdicts, whose lines
-    `lines()` makes one at a time; `report` is the whole document in memory."""
+    """A run's report: `head` (run id, period, summary) and its lines, one at a time.
+
+    With a store the lines are read back as stored, so what is printed is what was kept, and
+    the verdicts are let go once saved; without one, they are made from `verdicts`.
+    `report` is the whole document in memory."""
 
     head: dict[str, Any]
-    verdicts: Report
-    stored: bool
+    store: Store | None
+    stored: bool = False  # this call stored the run (False: it was stored already, or no store)
+    verdicts: Report | None = None
+
+    def texts(self) -> Iterator[str]:
+        """Each line's compact JSON text (`rules.report.line_text`)."""
+        if self.verdicts is not None:
+            return map(line_text, report_lines(self.verdicts))
+        assert self.store is not None
+        return self.store.line_texts(self.head["run_id"])
 
     def lines(self) -> Iterator[dict[str, Any]]:
-        return report_lines(self.verdicts)
+        return map(orjson.loads, self.texts())
 
     @property
     def report(self) -> dict[str, Any]:
@@ -136,10 +149,10 @@ def _reconcile(
         config, timeline, _drain(aggregates), _drain(records.metered), _drain(records.lines), run_id, customers
     )
     head = report_head(report, _scope(joined))
-    stored = False
-    if store is not None:
-        stored = save(store, {**head, "lines": report_lines(report)}, config, inputs, periods, customers)
-    return RunResult(head=head, verdicts=report, stored=stored)
+    if store is None:
+        return RunResult(head=head, store=None, verdicts=report)
+    stored = save(store, {**head, "lines": report_lines(report)}, config, inputs, periods, customers)
+    return RunResult(head=head, store=store, stored=stored)
 
 
 def _aggregate(

@@ -21,9 +21,8 @@ from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
-import orjson
-
 from bot.database import Backend, DatabaseError, open_backend
+from rules.report import line_text
 
 INBOX_STATES = ("pending", "processing", "done", "ignored", "dead")
 TABLES = (
@@ -249,10 +248,7 @@ class Store:
         if not rows:
             return None
         run = rows[0]
-        lines = [
-            json.loads(r["line"])
-            for r in self.backend.query("SELECT line FROM run_lines WHERE run_id = ? ORDER BY position", [run_id])
-        ]
+        lines = [json.loads(text) for text in self.line_texts(run_id)]
         return {
             "run_id": run_id,
             "status": run["status"],
@@ -260,6 +256,21 @@ class Store:
             "summary": json.loads(run["summary"]) if run["summary"] else None,
             "lines": lines,
         }
+
+    def line_texts(self, run_id: str, page: int = 10_000) -> Iterator[str]:
+        """The run's lines as stored (compact JSON), in order, a page at a time: a run of
+        500,000 keys is never held whole."""
+        after = -1
+        while True:
+            rows = self.backend.query(
+                "SELECT position, line FROM run_lines WHERE run_id = ? AND position > ? ORDER BY position LIMIT ?",
+                [run_id, after, page],
+            )
+            for row in rows:
+                yield row["line"]
+            if len(rows) < page:
+                return
+            after = rows[-1]["position"]
 
     def list_runs(self, filters: dict[str, str], limit: int = 100) -> list[dict[str, Any]]:
         """Runs, newest first, filtered by invoice_id, customer_id, period and status."""
@@ -669,19 +680,7 @@ def _first_invoice(line: dict[str, Any]) -> str | None:
 
 
 def _line_row(run_id: str, position: int, line: dict[str, Any]) -> tuple[Any, ...]:
-    return (run_id, position, line["customer_id"], line["meter"], line["period"], line["class"], _line_text(line))
-
-
-def _line_text(line: dict[str, Any]) -> str:
-    """The line as compact JSON with non-ASCII escaped: `json.dumps(line, separators=(",", ":"))`,
-    by orjson when the text is ASCII anyway."""
-    try:
-        text = orjson.dumps(line)
-    except orjson.JSONEncodeError:
-        text = b"\x80"  # not ASCII: fall through to json
-    if text.isascii():
-        return text.decode()
-    return json.dumps(line, separators=(",", ":"))
+    return (run_id, position, line["customer_id"], line["meter"], line["period"], line["class"], line_text(line))
 
 
 def _schema_1(db: Backend) -> None:

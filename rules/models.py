@@ -1,6 +1,9 @@
 """The canonical records and results of a reconciliation, as frozen dataclasses.
 
-The per-key ones have `__slots__`: a run holds hundreds of thousands of them.
+The per-record and per-key ones have `__slots__` and are not `frozen`: a run makes
+hundreds of thousands of them, and a frozen dataclass's `__init__` costs five times
+a plain one's (1.6 µs against 0.3 µs for ten fields). They are never changed after
+they are made; nothing in the code assigns to their fields.
 
 Quantities and money are `Decimal`; instants are UTC-aware `datetime`s.
 """
@@ -34,7 +37,7 @@ class Period:
         return self.start <= start and end <= self.end and start < end
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class RawAggregate:
     """Deduplicated raw usage of one customer × meter, bucketed by the DuckDB scan.
 
@@ -56,7 +59,7 @@ class RawAggregate:
     origin_periods: tuple[str, ...] = ()
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class MeteredRecord:
     customer_id: str
     meter: str
@@ -65,7 +68,7 @@ class MeteredRecord:
     quantity: Decimal
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class InvoiceLine:
     invoice_id: str
     line_id: str
@@ -79,7 +82,7 @@ class InvoiceLine:
     kind: str
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class TimingRef:
     """A timing item: late units of `customer_id` × `meter` in period `period`."""
 
@@ -88,7 +91,7 @@ class TimingRef:
     period: str
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class Evidence:
     duplicate_event_ids: tuple[str, ...] = ()
     late_event_ids: tuple[str, ...] = ()
@@ -98,7 +101,7 @@ class Evidence:
     clears: tuple[TimingRef, ...] = ()
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class ReconLine:
     """The verdict on one customer × meter × period key."""
 

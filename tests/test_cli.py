@@ -45,6 +45,25 @@ def test_same_inputs_give_byte_identical_reports_and_one_stored_run(tmp_path, da
     assert (store.count("runs"), store.count("run_lines"), store.count("discrepancies")) == (1, 1, 1)
 
 
+def test_json_report_prints_each_stored_line_on_a_text_line_of_its_own(tmp_path, database_url, monkeypatch):
+    monkeypatch.setenv("RECON_DATABASE_URL", database_url)
+    customers = ("cus_a", "cus_b", "cus_c")
+    config = write_book(
+        tmp_path,
+        [event(f"e_{c}", 100_000, customer=c) for c in customers],
+        [metered(100_000, customer=c) for c in customers],
+        [line(100, "100.00", customer=c) for c in customers],
+    )
+    result = recon("reconcile", "--config", str(config), "--format", "json")
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.stdout)
+    store = Store.open(Settings.from_env().database_url)
+    stored = list(store.line_texts(report["run_id"]))
+    assert [json.loads(t) for t in stored] == report["lines"] and len(stored) == 3
+    shown = result.stdout.split('"lines": [\n', 1)[1].splitlines()
+    assert shown == [f"    {t}," for t in stored[:-1]] + [f"    {stored[-1]}", "  ]", "}"]
+
+
 def test_csv_and_table_formats(tmp_path):
     config = str(book(tmp_path))
     as_csv = recon("reconcile", "--config", config, "--format", "csv")

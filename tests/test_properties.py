@@ -15,7 +15,7 @@ from rules.config import Meter, PlanChange
 from rules.match import KeyFacts
 from rules.models import InvoiceLine, Period
 from rules.pricing import Pricing, Tier, billable_units, price, round_money
-from rules.report import line_json
+from rules.report import line_json, number
 from rules.timeline import Segment
 from tests.book import event, line, metered, reconcile_book, write_book
 
@@ -169,3 +169,11 @@ def test_a_plain_key_gets_the_whole_paths_verdict(
     assert line_json(judge(facts, meter, OCTOBER, segments, 5)) == line_json(
         judge(facts, planned, OCTOBER, segments, 5)
     )
+
+
+@given(st.decimals(allow_nan=False, allow_infinity=False))
+def test_report_numbers_are_positional_text_of_the_same_value(value):
+    text = number(value)
+    assert "E" not in text
+    assert Decimal(text) == value
+    assert text == format(value, "f").removeprefix("-" if not value else "")  # never "-0"

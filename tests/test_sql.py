@@ -279,7 +279,7 @@ def test_cli_with_a_database_book(schema, tmp_path):
         main, ["reconcile", "--config", str(config), "--format", "json"], catch_exceptions=False
     )
     assert result.exit_code == 0, result.stderr
-    assert '"class": "under_bill"' in result.stdout
+    assert [line["class"] for line in json.loads(result.stdout)["lines"]] == ["under_bill"]
 
 
 def test_the_query_plans_show_the_aggregation_in_the_database(schema):

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 
 from bot.app import create_app
@@ -40,6 +42,21 @@ def test_stored_report_reads_back_as_written(tmp_path, store):
     report = stored_book(tmp_path, store)
     assert store.get_run(report["run_id"])["lines"] == report["lines"]
     assert store.get_run("run_missing") is None
+
+
+def test_a_runs_lines_read_back_page_by_page_in_order(tmp_path, store):
+    customers = [f"cus_{n}" for n in range(5)]
+    write_book(
+        tmp_path,
+        [event(f"e{n}", 1_000 * (n + 1), customer=c) for n, c in enumerate(customers)],
+        [metered(1_000 * (n + 1), customer=c) for n, c in enumerate(customers)],
+        [line(1, "0.00", customer=c) for c in customers],
+    )
+    report = reconcile_book(tmp_path, "2026-10", store)
+    texts = list(store.line_texts(report["run_id"], page=2))  # pages of 2, 2 and 1
+    assert [json.loads(t) for t in texts] == report["lines"]
+    assert [ln["customer_id"] for ln in report["lines"]] == customers
+    assert list(store.line_texts("run_missing")) == []
 
 
 FAILING_TRIGGER = {
