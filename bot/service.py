@@ -17,10 +17,10 @@ from connectors.base import InvoiceBilling, period_records
 from connectors.files import FileBilling, RawEventsFile
 from connectors.raw import RawSource, raw_source
 from rules.config import Config
-from rules.match import Joined
+from rules.match import Joined, add_raw, join_billing
 from rules.models import InvoiceLine, MeteredRecord, Period, RawAggregate, Report
 from rules.periods import infer_periods, label_for
-from rules.reconcile import CALCULATION_VERSION, reconcile, run_id_for, without_cyclic_gc
+from rules.reconcile import CALCULATION_VERSION, judge_all, reconcile, run_id_for, without_cyclic_gc
 from rules.report import line_text, report_head, report_json, report_lines
 from rules.timeline import build_timeline
 
@@ -80,15 +80,17 @@ def reconcile_files(
         hashed = pool.submit(lambda: {"raw": raw.fingerprint() if early else "", "billing": billing.fingerprint()})
         scan = pool.submit(_aggregate, config, raw, periods, progress) if periods is not None else None
         records = Records(list(billing.metered()), list(billing.invoiced()))
-        if periods is None:
+        if periods is None or scan is None:
             spans = {(r.period_start, r.period_end) for r in (*records.metered, *records.lines)}
             periods = infer_periods(spans, config.period.zone)
-        scanned = scan.result if scan is not None else None
+            scan = pool.submit(_aggregate, config, raw, periods, progress)
+        # The billing side is grouped by key while the raw events are still being scanned.
+        billed = _join_billing(config, records, periods, customers)
 
         def fingerprints() -> dict[str, str]:
             return hashed.result() | ({} if early else {"raw": raw.fingerprint()})
 
-        return _reconcile(config, raw, records, periods, fingerprints, store, customers, progress, scanned)
+        return _reconcile(config, scan.result, billed, periods, fingerprints, store, customers)
 
 
 def reconcile_platform(
@@ -115,39 +117,41 @@ def reconcile_platform(
         return {"raw": raw.fingerprint(), "billing": f"{billing.provider}:{digest}"}
 
     with without_cyclic_gc():
-        return _reconcile(config, raw, Records(metered, lines), periods, fingerprints, store, customers, progress)
+        billed = _join_billing(config, Records(metered, lines), periods, customers)
+        aggregates = _aggregate(config, raw, periods, progress)
+        return _reconcile(config, lambda: aggregates, billed, periods, fingerprints, store, customers)
 
 
 @dataclass
 class Records:
-    """The billing side's records, handed over to `_reconcile`, which lets go of them once
-    they are judged (the caller keeps no other reference)."""
+    """The billing side's records, handed over to `_join_billing`, which lets go of each
+    once it is read (the caller keeps no other reference)."""
 
     metered: list[MeteredRecord]
     lines: list[InvoiceLine]
 
 
+def _join_billing(config: Config, records: Records, periods: tuple[Period, ...], customers: frozenset[str]) -> Joined:
+    timeline = build_timeline(periods, config.meters, config.period.grace)
+    return join_billing(timeline, _drain(records.metered), _drain(records.lines), customers)
+
+
 def _reconcile(
     config: Config,
-    raw: RawSource,
-    records: Records,
+    aggregates: Callable[[], list[RawAggregate]],
+    billed: Joined,
     periods: tuple[Period, ...],
     fingerprints: Callable[[], dict[str, str]],
     store: Store | None,
     customers: frozenset[str],
-    progress: Callable[..., Any] | None,
-    scanned: Callable[[], list[RawAggregate]] | None = None,
 ) -> RunResult:
-    """`scanned`, when given, returns the raw aggregates of a scan already under way."""
+    """The raw aggregates (`aggregates()` waits for a scan under way) joined with the billing
+    side's keys, judged, and stored."""
     timeline = build_timeline(periods, config.meters, config.period.grace)
-    aggregates = scanned() if scanned is not None else _aggregate(config, raw, periods, progress)
+    joined = add_raw(billed, timeline, _drain(aggregates()), customers)
     inputs = fingerprints()
     run_id = run_id_for(config.fingerprint, inputs, periods, customers)
-    # The join takes the records one by one, so each can be freed once it is read; the
-    # invoice lines stay with their keys until judged.
-    report, joined = reconcile(
-        config, timeline, _drain(aggregates), _drain(records.metered), _drain(records.lines), run_id, customers
-    )
+    report, joined = judge_all(config, timeline, joined, run_id, customers)
     head = report_head(report, _scope(joined))
     if store is None:
         return RunResult(head=head, store=None, verdicts=report)

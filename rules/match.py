@@ -60,12 +60,20 @@ def join(
     customers: frozenset[str] = frozenset(),
 ) -> Joined:
     """Group the three records by key; `customers`, when given, keeps only those."""
+    return add_raw(join_billing(timeline, metered, lines, customers), timeline, raw, customers)
+
+
+def join_billing(
+    timeline: Timeline,
+    metered: Iterable[MeteredRecord],
+    lines: Iterable[InvoiceLine],
+    customers: frozenset[str] = frozenset(),
+) -> Joined:
+    """The billing side grouped by key (a run does this while the raw events are still being
+    scanned); `add_raw` then adds the raw aggregates."""
     joined = Joined(facts={})
     every = not customers
     found = joined.facts
-    for aggregate in raw:
-        if every or aggregate.customer_id in customers:
-            _add_raw(found, timeline, aggregate)
     # A book's records name few distinct periods: each one's index is looked up once.
     period_of: dict[tuple[datetime, datetime], int | None] = {}
     for record in metered:
@@ -94,6 +102,17 @@ def join(
             if facts is None:
                 facts = found[key] = KeyFacts(*key)
             facts.lines = (*facts.lines, line)
+    return joined
+
+
+def add_raw(
+    joined: Joined, timeline: Timeline, raw: Iterable[RawAggregate], customers: frozenset[str] = frozenset()
+) -> Joined:
+    """`joined` with the raw aggregates added to their keys."""
+    every = not customers
+    for aggregate in raw:
+        if every or aggregate.customer_id in customers:
+            _add_raw(joined.facts, timeline, aggregate)
     return joined
 
 

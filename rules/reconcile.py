@@ -42,11 +42,24 @@ def reconcile(
     every_meter: bool = False,
 ) -> tuple[Report, Joined]:
     """`every_meter` gives each of `customers` a key for every configured meter and period,
-    so that usage with no invoice line and no meter record is still judged.
+    so that usage with no invoice line and no meter record is still judged."""
+    joined = join(timeline, raw, metered, lines, customers)
+    return judge_all(config, timeline, joined, run_id, customers, every_meter)
+
+
+@without_cyclic_gc()
+def judge_all(
+    config: Config,
+    timeline: Timeline,
+    joined: Joined,
+    run_id: str,
+    customers: frozenset[str] = frozenset(),
+    every_meter: bool = False,
+) -> tuple[Report, Joined]:
+    """The verdict on every key of `joined`, sorted (`reconcile` after the join).
 
     The per-key facts are let go as they are judged: the returned `Joined` keeps its counts,
     and its `facts` are empty."""
-    joined = join(timeline, raw, metered, lines, customers)
     if every_meter:
         for customer in sorted(customers):
             for meter in config.meters:
