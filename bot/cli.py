@@ -19,9 +19,7 @@ from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
 from bot import render
-from bot.config import Settings, SettingsError
-from bot.handlers import NotConfigured
-from bot.schedule import enqueue_close
+from bot.config import NotConfigured, Settings, SettingsError
 from bot.service import RunResult, SourcePaths, reconcile_files, reconcile_platform
 from bot.store import Store, StoreError
 from connectors.base import InputError, InvoiceBilling
@@ -323,6 +321,8 @@ def close(period: str | None) -> None:
     else:
         after = config.schedule.close_after if config.schedule else Schedule().close_after
         closing = last_closed(datetime.now(UTC), zone, after)
+    from bot.schedule import enqueue_close
+
     queued = enqueue_close(Store.open(settings.database_url), closing)
     click.echo(f"period {closing.label}: close {'queued' if queued else 'already queued or done'}")
 

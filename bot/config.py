@@ -18,6 +18,10 @@ class SettingsError(ValueError):
     """An environment variable has a value we cannot use."""
 
 
+class NotConfigured(RuntimeError):
+    """Something asked for needs a setting that is not there (a platform's API key, a source)."""
+
+
 def _int(env: Mapping[str, str], name: str, default: int) -> int:
     value = env.get(name)
     if not value:

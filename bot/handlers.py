@@ -19,6 +19,7 @@ from decimal import Decimal
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from bot.config import NotConfigured
 from bot.service import event_run_id, reconcile_invoice
 from bot.signatures import InboundEvent, orb_invoice_of, stripe_invoice_of
 from bot.store import Claimed, Store
@@ -33,10 +34,6 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 SWEPT = "invoice.swept"  # our own event type: an invoice the sweep found with no event
-
-
-class NotConfigured(RuntimeError):
-    """A platform's events arrived but its API key or the raw source is not configured."""
 
 
 @dataclass

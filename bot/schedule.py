@@ -15,7 +15,8 @@ import logging
 from collections.abc import Callable
 from datetime import datetime
 
-from bot.handlers import Context, NotConfigured
+from bot.config import NotConfigured
+from bot.handlers import Context
 from bot.service import RunResult, SourcePaths, reconcile_files, reconcile_platform
 from bot.signatures import InboundEvent
 from bot.store import Claimed, Store

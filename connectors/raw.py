@@ -4,15 +4,18 @@ from __future__ import annotations
 
 import re
 from pathlib import Path
+from typing import TYPE_CHECKING, TypeAlias
 
 from connectors.files import RawEventsFile
-from connectors.sql import RawEventsSQL
 from rules.config import Config, RawTable
+
+if TYPE_CHECKING:  # SQLAlchemy takes a quarter of a second to import; a files run never needs it
+    from connectors.sql import RawEventsSQL
 
 SCHEME = re.compile(r"^([A-Za-z][A-Za-z0-9+.\-]*)://")
 FILE_SCHEMES = {"s3", "s3a", "s3n", "gs", "gcs", "r2", "http", "https"}
 
-RawSource = RawEventsFile | RawEventsSQL
+RawSource: TypeAlias = "RawEventsFile | RawEventsSQL"
 
 
 def is_database(spec: str) -> bool:
@@ -40,5 +43,7 @@ def raw_source(spec: str | Path, base_dir: Path, config: Config | None = None) -
     a database's table and columns are the config's `[sources.raw_table]`."""
     where = resolve(spec, base_dir)
     if isinstance(where, str) and is_database(where):
+        from connectors.sql import RawEventsSQL
+
         return RawEventsSQL(where, config.sources.raw_table if config else RawTable())
     return RawEventsFile(where)

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 
 from click.testing import CliRunner
 
@@ -186,3 +188,12 @@ def test_an_unreachable_database_is_exit_2_with_one_line(monkeypatch):
     assert result.exit_code == 2
     assert result.stderr.startswith("recon: cannot connect to PostgreSQL at postgresql://recon@127.0.0.1:1/recon")
     assert len(result.stderr.splitlines()) == 1 and "s3cret" not in result.stderr
+
+
+def test_the_cli_starts_without_the_database_and_platform_libraries():
+    # SQLAlchemy, the Stripe SDK and the worker's handlers cost half a second to import;
+    # `recon reconcile` on files and `recon --help` never need them.
+    heavy = "('sqlalchemy', 'stripe', 'bot.handlers')"
+    probe = f"import sys, bot.cli; print(sorted(m for m in {heavy} if m in sys.modules))"
+    result = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True)
+    assert result.stdout.strip() == "[]"
