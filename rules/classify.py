@@ -121,6 +121,9 @@ def judge(
     )
 
 
+_NO_MONEY: dict[Decimal, Decimal] = {}  # a currency's minor unit → zero money at its precision
+
+
 def _plain_match(facts: KeyFacts, meter: Meter, period: Period) -> ReconLine | None:
     """The verdict on a plain key whose units and amount agree; None for any other key.
 
@@ -145,7 +148,9 @@ def _plain_match(facts: KeyFacts, meter: Meter, period: Period) -> ReconLine | N
         metered = raw if facts.metered == facts.raw else _convert(facts.metered, meter)
     invoiced = ZERO + line.quantity
     tolerance = meter.tolerance
-    if abs(metered - raw) > tolerance or abs(invoiced - metered) > tolerance:
+    if (metered != raw and abs(metered - raw) > tolerance) or (
+        invoiced != metered and abs(invoiced - metered) > tolerance
+    ):
         return None
     included, pricing = meter.included, meter.pricing
     cent = minor_unit(currency)
@@ -158,6 +163,9 @@ def _plain_match(facts: KeyFacts, meter: Meter, period: Period) -> ReconLine | N
     if priced != usage:
         return None
     nothing = raw - raw  # late and catch-up units: none, at the units' precision
+    no_money = _NO_MONEY.get(cent)
+    if no_money is None:
+        no_money = _NO_MONEY[cent] = ZERO.quantize(cent)
     return ReconLine(
         facts.customer_id,
         facts.meter,
@@ -171,9 +179,9 @@ def _plain_match(facts: KeyFacts, meter: Meter, period: Period) -> ReconLine | N
         max(invoiced - included, ZERO),
         expected,
         usage.quantize(cent, rounding=ROUND_HALF_UP),  # adjustments are none
-        ZERO.quantize(cent),
+        no_money,
         raw - invoiced,
-        (expected - usage).quantize(cent, rounding=ROUND_HALF_UP),
+        no_money if expected == usage else (expected - usage).quantize(cent, rounding=ROUND_HALF_UP),
         currency,
         "match",
         "none",
