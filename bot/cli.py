@@ -86,6 +86,13 @@ def main() -> None:
 @click.option("--out", type=click.Path(path_type=Path), help="Write the report here instead of stdout.")
 @click.option("--route/--no-route", default=False, help="Route findings (Slack, tickets, watch-list).")
 @click.option("--all", "show_all", is_flag=True, help="With --format table, list matched keys too.")
+@click.option(
+    "--limit",
+    type=click.IntRange(min=0),
+    default=100,
+    show_default=True,
+    help="With --format table, list at most this many keys (0: all).",
+)
 @user_errors
 def reconcile(
     config_path: Path | None,
@@ -99,6 +106,7 @@ def reconcile(
     out: Path | None,
     route: bool,
     show_all: bool,
+    limit: int,
 ) -> None:
     """Run one reconciliation and print its report."""
     settings = Settings.from_env()
@@ -116,7 +124,7 @@ def reconcile(
         raw_path = resolve_raw(config, config_path, raw)
         connector = platform_connector(settings, config, platform)
         result = reconcile_platform(config, raw_path, connector, periods, store, frozenset(customers), progress_bar())
-    write_report(result, fmt, out, show_all)
+    write_report(result, fmt, out, show_all, limit)
     if route:
         from bot.runtime import build_router
 
@@ -189,14 +197,16 @@ def resolve_sources(
     return SourcePaths(**chosen)
 
 
-def write_report(result: RunResult, fmt: str, out: Path | None, show_all: bool = False) -> None:
-    """The report as a table, or as JSON or CSV written line by line (never whole in memory)."""
+def write_report(result: RunResult, fmt: str, out: Path | None, show_all: bool = False, limit: int = 0) -> None:
+    """The report as a table (at most `limit` keys), or as JSON or CSV written line by line
+    (never whole in memory)."""
     if fmt == "table":
+        report = {**result.head, "lines": result.lines(breaks_only=not show_all)}
         if out:
             with out.open("w", encoding="utf-8") as handle:
-                render.print_table(result.report, render.console(handle), show_all)
+                render.print_table(report, render.console(handle), show_all, limit)
         else:
-            render.print_table(result.report, render.console(), show_all)
+            render.print_table(report, render.console(), show_all, limit)
         return
     with out.open("w", encoding="utf-8") if out else contextlib.nullcontext(sys.stdout) as handle:
         if fmt == "json":

@@ -6,6 +6,7 @@ import csv
 import io
 import json
 from collections.abc import Iterable
+from itertools import islice
 from typing import Any, TextIO
 
 import orjson
@@ -78,10 +79,14 @@ def write_csv(lines: Iterable[dict[str, Any]], out: TextIO) -> None:
     writer.writerows(csv_row(line) for line in lines)
 
 
-def print_table(report: dict[str, Any], console: Console, show_matches: bool = False) -> None:
-    """The summary by class, then every key that is not a match (or every key)."""
+def print_table(report: dict[str, Any], console: Console, show_matches: bool = False, limit: int = 0) -> None:
+    """The summary by class, then the keys that are not matches (every key with `show_matches`)
+    in report order, the first `limit` of them (0: all) and how many more there are."""
     print_summary(report, console)
-    lines = [ln for ln in report["lines"] if show_matches or ln["class"] != "match"]
+    wanted = (ln for ln in report["lines"] if show_matches or ln["class"] != "match")
+    lines = list(islice(wanted, limit or None))
+    summary = report["summary"]
+    hidden = (summary["keys"] if show_matches else summary["keys"] - summary["matched"]) - len(lines)
     if not lines:
         return
     table = Table(title="Discrepancies" if not show_matches else "Keys", show_lines=False)
@@ -112,6 +117,8 @@ def print_table(report: dict[str, Any], console: Console, show_matches: bool = F
             ln["cause"],
         )
     console.print(table)
+    if hidden > 0:
+        console.print(f"[dim]{hidden:,} more not shown (--limit 0 lists them all; --format json or csv writes them)[/]")
 
 
 def print_summary(report: dict[str, Any], console: Console) -> None:

@@ -45,15 +45,19 @@ class RunResult:
     stored: bool = False  # this call stored the run (False: it was stored already, or no store)
     verdicts: Report | None = None
 
-    def texts(self) -> Iterator[str]:
-        """Each line's compact JSON text (`rules.report.line_text`)."""
+    def texts(self, breaks_only: bool = False) -> Iterator[str]:
+        """Each line's compact JSON text (`rules.report.line_text`); `breaks_only`: the lines
+        that are not matches."""
         if self.verdicts is not None:
-            return map(line_text, report_lines(self.verdicts))
+            verdicts = self.verdicts
+            if breaks_only:
+                verdicts = replace(verdicts, lines=tuple(ln for ln in verdicts.lines if ln.klass != "match"))
+            return map(line_text, report_lines(verdicts))
         assert self.store is not None
-        return self.store.line_texts(self.head["run_id"])
+        return self.store.line_texts(self.head["run_id"], breaks_only=breaks_only)
 
-    def lines(self) -> Iterator[dict[str, Any]]:
-        return map(orjson.loads, self.texts())
+    def lines(self, breaks_only: bool = False) -> Iterator[dict[str, Any]]:
+        return map(orjson.loads, self.texts(breaks_only))
 
     @property
     def report(self) -> dict[str, Any]:

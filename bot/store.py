@@ -257,20 +257,19 @@ class Store:
             "lines": lines,
         }
 
-    def line_texts(self, run_id: str, page: int = 10_000) -> Iterator[str]:
+    def line_texts(self, run_id: str, page: int = 10_000, breaks_only: bool = False) -> Iterator[str]:
         """The run's lines as stored (compact JSON), in order, a page at a time: a run of
-        500,000 keys is never held whole."""
+        500,000 keys is never held whole. `breaks_only`: the lines that are not matches."""
+        which = " AND class <> 'match'" if breaks_only else ""
+        sql = f"SELECT position, line FROM run_lines WHERE run_id = ? AND position > ?{which} ORDER BY position LIMIT ?"
         after = -1
         while True:
-            rows = self.backend.query(
-                "SELECT position, line FROM run_lines WHERE run_id = ? AND position > ? ORDER BY position LIMIT ?",
-                [run_id, after, page],
-            )
-            for row in rows:
-                yield row["line"]
+            rows = self.backend.tuples(sql, [run_id, after, page])
+            for _, line in rows:
+                yield line
             if len(rows) < page:
                 return
-            after = rows[-1]["position"]
+            after = rows[-1][0]
 
     def list_runs(self, filters: dict[str, str], limit: int = 100) -> list[dict[str, Any]]:
         """Runs, newest first, filtered by invoice_id, customer_id, period and status."""

@@ -66,6 +66,22 @@ def test_json_report_prints_each_stored_line_on_a_text_line_of_its_own(tmp_path,
     assert shown == [f"    {t}," for t in stored[:-1]] + [f"    {stored[-1]}", "  ]", "}"]
 
 
+def test_the_table_lists_at_most_limit_discrepancies_and_says_how_many_more(tmp_path):
+    customers = ("cus_a", "cus_b", "cus_c", "cus_d")
+    config = write_book(
+        tmp_path,
+        [event(f"e_{c}", 130_000 if c != "cus_d" else 100_000, customer=c) for c in customers],
+        [metered(100_000, customer=c) for c in customers],
+        [line(100, "100.00", customer=c) for c in customers],
+    )
+    shown = recon("reconcile", "--config", str(config), "--limit", "2").stdout
+    assert ("cus_a" in shown, "cus_b" in shown, "cus_c" in shown) == (True, True, False)
+    assert "cus_d" not in shown  # a match: not listed without --all
+    assert "1 more not shown" in shown
+    everything = recon("reconcile", "--config", str(config), "--limit", "0").stdout
+    assert "cus_c" in everything and "more not shown" not in everything
+
+
 def test_csv_and_table_formats(tmp_path):
     config = str(book(tmp_path))
     as_csv = recon("reconcile", "--config", config, "--format", "csv")
