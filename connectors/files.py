@@ -424,8 +424,11 @@ def _event_columns(types: dict[str, str]) -> dict[str, str]:
 
 
 def _trimmed(column: str) -> str:
-    """A text column trimmed, NULL when empty."""
-    return f"NULLIF(trim(CAST({column} AS VARCHAR)), '')"
+    """A text column trimmed, NULL when empty. trim() walks every character (it strips Unicode
+    spaces), so it only runs on a value that starts or ends with a space or is not plain ASCII."""
+    text = f"CAST({column} AS VARCHAR)"
+    needs_trim = f"prefix({text}, ' ') OR suffix({text}, ' ') OR strlen({text}) <> length({text})"
+    return f"NULLIF(CASE WHEN {needs_trim} THEN trim({text}) ELSE {text} END, '')"
 
 
 def _select_events(columns: dict[str, str]) -> str:
@@ -443,79 +446,107 @@ def _row_checks(columns: dict[str, str]) -> list[tuple[str, str]]:
     ]
 
 
+# The sums of a group of rows: of the rows whose event id is unique, and of the first copies.
+_SUMS = """sum(qty) AS quantity,
+            count(*) AS events,
+            list(event_id) FILTER (WHERE receiving IS NOT NULL) AS late_ids,
+            list(origin) FILTER (WHERE origin IS NOT NULL) AS origins"""
+
+
 def aggregate_sql(relation: str, types: dict[str, str], timeline: Timeline, evidence_limit: int, zone: str) -> str:
     """One query: validate, deduplicate by event_id, bucket on the timeline, sum."""
     columns = _event_columns(types)
-    bad = "CASE " + " ".join(f"WHEN {test} THEN '{name}'" for name, test in _row_checks(columns)) + " END"
+    # A CASE, not an OR: an OR computes every test on every row, a CASE each test only on the
+    # rows the ones before it passed.
+    bad = "CASE " + " ".join(f"WHEN {test} THEN true" for _, test in _row_checks(columns)) + " ELSE false END"
     start, end = _ts(timeline.start), _ts(timeline.end)
     first_window, last_window = _ts(timeline.start + timeline.grace), _ts(timeline.end + timeline.grace)
     period = _bucket("ts", [p.end for p in timeline.periods], timeline.start)
     segment = _bucket("ts", [s.end for s in timeline.segments], timeline.start)
     window = _window("rcv", timeline)
     limit = max(evidence_limit, 0)
-    # Each row's text is parsed once. Ids seen more than once are found by their hash on the
-    # bare event_id column; the rows whose id hash is unique (nearly all) and the few others
-    # are then parsed on separate paths, the latter deduplicated by their exact id. A hash
-    # collision only sends a row down the exact path, so the result does not depend on it.
-    id_hash = f"hash({_trimmed('f.event_id')})"
-    parsed = f"SELECT *, {bad} AS bad FROM (SELECT {_select_events(columns)} FROM ROWS)"
+    key = ("customer_id", "meter", "segment_no", "receiving")
+    # The file is read twice: once for the hashes of the event ids seen more than once, then for
+    # everything else. A hash collision only sends a row down the path of the copies, where rows
+    # are told apart by their exact id, so the result does not depend on it.
     return f"""
-    WITH dup_ids AS MATERIALIZED (
-        SELECT h FROM (SELECT {id_hash} AS h FROM {relation} AS f WHERE {_trimmed("f.event_id")} IS NOT NULL)
-        GROUP BY h HAVING count(*) > 1
-    ),
-    single AS (
-        {parsed.replace("ROWS", f"{relation} AS f ANTI JOIN dup_ids ON {id_hash} = dup_ids.h")}
-    ),
-    copies AS (
-        {parsed.replace("ROWS", f"{relation} AS f SEMI JOIN dup_ids ON {id_hash} = dup_ids.h")}
-    ),
-    dup_rows AS (
-        SELECT copies.*,
-            row_number() OVER (same_id ORDER BY coalesce(rcv, ts), qty, customer_id, meter, ts) AS copy,
-            count(*) OVER same_id AS copies,
-            min(qty) OVER same_id <> max(qty) OVER same_id AS conflict
-        FROM copies
-        WINDOW same_id AS (PARTITION BY event_id)
+    WITH dup_hashes AS MATERIALIZED (
+        -- Sorting the hashes finds the repeated ones for less than a GROUP BY of ten million.
+        SELECT DISTINCT h FROM (SELECT hash({_trimmed("event_id")}) AS h FROM {relation})
+        QUALIFY h = lag(h) OVER (ORDER BY h)
     ),
     events AS (
-        SELECT *, 1 AS copies, false AS conflict FROM single
-        UNION ALL
-        SELECT * EXCLUDE (copy) FROM dup_rows WHERE copy = 1 OR bad IS NOT NULL
+        -- Each row parsed once (before the join, which would turn Parquet's dictionary-encoded
+        -- columns into plain ones); `is_copy` when its id's hash is among those above.
+        SELECT e.*, dup_hashes.h IS NOT NULL AND NOT e.bad AS is_copy
+        FROM (SELECT *, {bad} AS bad FROM (SELECT {_select_events(columns)} FROM {relation})) AS e
+        LEFT JOIN dup_hashes ON hash(e.event_id) = dup_hashes.h
     ),
     placed AS (
-        -- Rows outside the run (neither in its periods nor late for its first one) fall in a
-        -- segment of their own, dropped after the sums: a WHERE here would be pushed down and
-        -- parse every row a second time.
-        SELECT *, {period} AS period_no, CASE WHEN keep THEN {segment} ELSE -2 END AS segment_no,
+        -- Bad rows fall in segment -3, which stops the run. Rows outside the run (neither in
+        -- its periods nor late for its first one) fall in segment -2, dropped after the sums: a
+        -- WHERE here would be pushed down and parse every row a second time.
+        SELECT *, {period} AS period_no,
+            CASE WHEN bad THEN -3 WHEN keep THEN {segment} ELSE -2 END AS segment_no,
             {window} AS window_no
         FROM (
-            SELECT *, (bad IS NOT NULL
-                OR (ts >= {start} AND ts < {end})
+            SELECT *, ((ts >= {start} AND ts < {end})
                 OR (ts < {start} AND rcv > {first_window} AND rcv <= {last_window})) AS keep
             FROM events
         )
     ),
     flagged AS (
-        SELECT *, CASE WHEN window_no > period_no THEN window_no END AS receiving FROM placed
-    )
-    SELECT * EXCLUDE (kept) FROM (
+        SELECT *, CASE WHEN window_no > period_no THEN window_no END AS receiving,
+            -- the month of an event before the run, late into it (a CASE: only those are formatted)
+            CASE WHEN segment_no = -1 THEN strftime(timezone({_quote_literal(zone)}, ts), '%Y-%m') END AS origin
+        FROM placed
+    ),
+    groups AS MATERIALIZED (
+        -- One pass over the rows: those with a unique id are summed by key; the copies are
+        -- grouped by their exact id, and listed.
         SELECT
-            customer_id, meter, segment_no, receiving,
-            sum(qty)::VARCHAR AS quantity,
-            count(*) AS events,
-            list_slice(list(event_id ORDER BY event_id) FILTER (WHERE receiving IS NOT NULL), 1, {limit}) AS late_ids,
-            list_slice(list(event_id ORDER BY event_id) FILTER (WHERE copies > 1), 1, {limit}) AS dup_ids,
-            coalesce(sum(copies - 1), 0) AS dropped_copies,
-            count(*) FILTER (WHERE conflict) AS conflicts,
-            list_distinct(list(strftime(timezone({_quote_literal(zone)}, ts), '%Y-%m'))
-                FILTER (WHERE segment_no = -1)) AS origins,
-            bool_or(bad IS NOT NULL) AS has_bad,
-            bool_or(keep) AS kept
+            {", ".join(f"CASE WHEN NOT is_copy THEN {k} END AS {k}" for k in key)},
+            CASE WHEN is_copy THEN event_id END AS copy_of,
+            {_SUMS},
+            list(struct_pack(event_id, customer_id, meter, segment_no, receiving, origin, qty, ts, rcv))
+                FILTER (WHERE is_copy) AS copies
         FROM flagged
-        GROUP BY customer_id, meter, segment_no, receiving
-    ) WHERE kept
-    ORDER BY customer_id, meter, segment_no, receiving  -- the report's order, so sorting it is cheap
+        GROUP BY ALL
+    ),
+    ranked AS (
+        SELECT *,
+            row_number() OVER (same_id ORDER BY coalesce(rcv, ts), qty, customer_id, meter, ts) AS copy,
+            count(*) OVER same_id AS copies,
+            min(qty) OVER same_id <> max(qty) OVER same_id AS conflict
+        FROM (SELECT unnest(copy) FROM (SELECT unnest(copies) AS copy FROM groups WHERE copies IS NOT NULL))
+        WINDOW same_id AS (PARTITION BY event_id)
+    ),
+    copy_sums AS (
+        -- The first received copy of each id counts; the others are counted and listed.
+        SELECT {", ".join(key)}, {_SUMS},
+            list(event_id) FILTER (WHERE copies > 1) AS dup_ids,
+            sum(copies - 1) AS dropped_copies,
+            count(*) FILTER (WHERE conflict) AS conflicts
+        FROM ranked WHERE copy = 1
+        GROUP BY ALL
+    )
+    SELECT
+        {", ".join(f"coalesce(u.{k}, c.{k}) AS {k}" for k in key)},
+        (CASE WHEN c.quantity IS NULL THEN u.quantity WHEN u.quantity IS NULL THEN c.quantity
+            ELSE u.quantity + c.quantity END)::VARCHAR AS quantity,
+        coalesce(u.events, 0) + coalesce(c.events, 0) AS events,
+        list_slice(list_sort(CASE WHEN c.late_ids IS NULL THEN u.late_ids
+            ELSE list_concat(u.late_ids, c.late_ids) END), 1, {limit}) AS late_ids,
+        list_slice(list_sort(c.dup_ids), 1, {limit}) AS dup_ids,
+        coalesce(c.dropped_copies, 0) AS dropped_copies,
+        coalesce(c.conflicts, 0) AS conflicts,
+        list_distinct(CASE WHEN c.origins IS NULL THEN u.origins ELSE list_concat(u.origins, c.origins) END) AS origins,
+        coalesce(u.segment_no, c.segment_no) = -3 AS has_bad
+    FROM (SELECT * FROM groups WHERE copies IS NULL) AS u
+    FULL JOIN copy_sums AS c ON u.customer_id = c.customer_id AND u.meter = c.meter
+        AND u.segment_no = c.segment_no AND u.receiving IS NOT DISTINCT FROM c.receiving
+    WHERE coalesce(u.segment_no, c.segment_no) IS DISTINCT FROM -2
+    ORDER BY {", ".join(key)}  -- the report's order, so sorting it is cheap
     """
 
 
@@ -564,7 +595,7 @@ def _instant_sql(column: str, kind: str) -> str:
         f"CASE WHEN regexp_full_match({text}, '-?[0-9]+(\\.[0-9]{{1,6}})?') THEN CAST(make_timestamp("
         f"CAST(CAST({text} AS DECIMAL(38,6)) * 1000000 AS BIGINT)) AS TIMESTAMPTZ) END"
     )
-    return f"coalesce(TRY_CAST({text} AS TIMESTAMPTZ), {epoch})"
+    return _trim_if_needed(f"CAST({name} AS VARCHAR)", "TIMESTAMPTZ", epoch)
 
 
 def _decimal_sql(column: str, kind: str) -> str:
@@ -572,7 +603,15 @@ def _decimal_sql(column: str, kind: str) -> str:
     kind = kind.upper()
     if kind.startswith("DECIMAL") or kind in _NUMERIC:
         return f"CAST({name} AS {QUANTITY})"
-    return f"TRY_CAST(trim(CAST({name} AS VARCHAR)) AS {QUANTITY})"
+    return _trim_if_needed(f"CAST({name} AS VARCHAR)", QUANTITY)
+
+
+def _trim_if_needed(text: str, kind: str, fallback: str = "NULL") -> str:
+    """TRY_CAST(trim(text) AS kind), else `fallback`. The cast skips ASCII white space itself, and
+    whatever it reads untrimmed it reads the same trimmed, so trim() (slow: it strips Unicode spaces
+    too) runs only where the plain cast fails. coalesce() evaluates an argument only on the rows
+    the arguments before it left NULL."""
+    return f"coalesce(TRY_CAST({text} AS {kind}), TRY_CAST(trim({text}) AS {kind}), {fallback})"
 
 
 class _Watch:
