@@ -20,7 +20,7 @@ from datetime import datetime
 from decimal import Decimal
 from pathlib import Path, PurePosixPath
 from sys import intern
-from typing import Any
+from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit
 
 import duckdb
@@ -29,6 +29,9 @@ from connectors.base import InputError
 from rules.models import InvoiceLine, MeteredRecord, RawAggregate
 from rules.timeline import Timeline
 from rules.values import parse_decimal, parse_instant
+
+if TYPE_CHECKING:  # DuckDB imports pyarrow when it hands out an Arrow table
+    import pyarrow as pa
 
 RAW_COLUMNS = ("event_id", "customer_id", "meter", "timestamp", "quantity")
 RAW_FIELDS = (*RAW_COLUMNS, "received_at")  # received_at is optional
@@ -165,8 +168,8 @@ class FileBilling:
     """Metered rows and invoice lines from two files in the canonical shapes."""
 
     def __init__(self, metered: str | Path | None, invoiced: str | Path | None) -> None:
-        self.metered_file = TableFile(metered) if metered else None
-        self.invoiced_file = TableFile(invoiced) if invoiced else None
+        self.metered_file = _in_file_order(metered) if metered else None
+        self.invoiced_file = _in_file_order(invoiced) if invoiced else None
 
     def fingerprint(self) -> str:
         parts = [f.fingerprint() for f in (self.metered_file, self.invoiced_file) if f]
@@ -177,7 +180,7 @@ class FileBilling:
             return
         table = self.metered_file
         table.require(METERED_COLUMNS)
-        parsed = _parse_all(table, METERED_COLUMNS, _metered_record)
+        parsed = _parse_all(table, METERED_READERS, MeteredRecord)
         if parsed is not None:
             yield from parsed
             return
@@ -197,7 +200,7 @@ class FileBilling:
             return
         table = self.invoiced_file
         table.require(INVOICED_COLUMNS)
-        parsed = _parse_all(table, INVOICED_COLUMNS, _invoice_line)
+        parsed = _parse_all(table, INVOICED_READERS, InvoiceLine)
         if parsed is not None:
             yield from parsed
             return
@@ -223,42 +226,58 @@ class FileBilling:
             )
 
 
-# Names that repeat across records (customer, meter, currency, kind) are interned: one
-# string per name instead of one per record.
+def _in_file_order(path: str | Path) -> TableFile:
+    """A file whose rows are read in file order: the row index names a bad row's line."""
+    con = connect()
+    con.execute("SET preserve_insertion_order = true")
+    return TableFile(path, con)
 
 
 class _Unsure(Exception):
     """A value the quick reading does not accept; the field-by-field reading decides."""
 
 
-def _parse_all(table: TableFile, columns: tuple[str, ...], make: Callable[..., Any]) -> list[Any] | None:
-    """Every row as a record by `make`, read in bulk with the same parsing as the
-    field-by-field reading below; None at the first doubtful value, so that the slow
-    reading names its file, line and field."""
-    instants: dict[str | None, datetime] = {}
+Reader = Callable[["pa.ChunkedArray"], list[Any]]
 
-    def instant(text: str | None) -> datetime:
-        moment = instants.get(text)
-        if moment is None:
-            value = (text or "").strip()
-            moment = parse_instant(value) if value else None
-            if moment is None:
-                raise _Unsure
-            instants[text] = moment
-        return moment
 
-    records: list[Any] = []
+def _parse_all(table: TableFile, fields: dict[str, Reader], make: Callable[..., Any]) -> list[Any] | None:
+    """Every row as a record `make(*values)`, read column by column (`fields`: each column and
+    its reader, in `make`'s order) with the same parsing as the field-by-field reading below;
+    None at the first doubtful value, so that the slow reading names its file, line and field."""
+    columns = tuple(fields)
+    select = ", ".join(f"CAST({_ident(c)} AS VARCHAR)" for c in columns)
     try:
-        cursor = table.con.execute(
-            f"SELECT {', '.join(f'CAST({_ident(c)} AS VARCHAR)' for c in columns)} FROM {table.relation(columns)}"
-        )
-        while batch := cursor.fetchmany(50_000):
-            records.extend(make(row, instant) for row in batch)
+        result = table.con.sql(f"SELECT {select} FROM {table.relation(columns)}").to_arrow_table()
     except duckdb.Error as exc:
         raise InputError(f"{table.path}: cannot be read: {_first_line(exc)}") from None
+    try:
+        values = [read(result.column(i)) for i, read in enumerate(fields.values())]
     except _Unsure:
         return None
-    return records
+    return list(map(make, *values))
+
+
+def _each_distinct(read: Callable[[str | None], Any]) -> Reader:
+    """A column reader that reads each distinct value once: customers, meters, instants and
+    amounts repeat from record to record, and the records share one object for each."""
+
+    def column(values: pa.ChunkedArray) -> list[Any]:
+        encoded = values.combine_chunks().dictionary_encode(null_encoding="encode")
+        distinct = [read(value) for value in encoded.dictionary.to_pylist()]
+        return list(map(distinct.__getitem__, encoded.indices.to_pylist()))
+
+    return column
+
+
+def _ids(values: pa.ChunkedArray) -> list[str]:
+    """Non-empty texts, trimmed: invoice and line ids, nearly all distinct."""
+    try:
+        texts = list(map(str.strip, values.to_pylist()))
+    except TypeError:  # a null
+        raise _Unsure from None
+    if not all(texts):
+        raise _Unsure
+    return texts
 
 
 def _required(value: str | None) -> str:
@@ -275,34 +294,57 @@ def _number(value: str | None) -> Decimal:
     return number
 
 
-def _metered_record(row: tuple[str | None, ...], instant: Callable[[str | None], datetime]) -> MeteredRecord:
-    customer, meter, start, end, quantity = row
-    return MeteredRecord(
-        customer_id=intern((customer or "").strip()),
-        meter=intern(_required(meter)),
-        period_start=instant(start),
-        period_end=instant(end),
-        quantity=_number(quantity),
-    )
+def _instant(value: str | None) -> datetime:
+    text = (value or "").strip()
+    moment = parse_instant(text) if text else None
+    if moment is None:
+        raise _Unsure
+    return moment
 
 
-def _invoice_line(row: tuple[str | None, ...], instant: Callable[[str | None], datetime]) -> InvoiceLine:
-    invoice, line, customer, meter, start, end, quantity, amount, currency, kind = row
-    kind = _required(kind)
+# Names that repeat across records (customer, meter, currency, kind) are interned: one
+# string per name instead of one per record.
+
+
+def _name(value: str | None) -> str:
+    return intern((value or "").strip())
+
+
+def _required_name(value: str | None) -> str:
+    return intern(_required(value))
+
+
+def _currency(value: str | None) -> str:
+    return intern(_required(value).lower())
+
+
+def _kind(value: str | None) -> str:
+    kind = _required(value)
     if kind not in KINDS:
         raise _Unsure
-    return InvoiceLine(
-        invoice_id=_required(invoice),
-        line_id=_required(line),
-        customer_id=intern((customer or "").strip()),
-        meter=intern((meter or "").strip()),
-        period_start=instant(start),
-        period_end=instant(end),
-        quantity=_number(quantity),
-        amount=_number(amount),
-        currency=intern(_required(currency).lower()),
-        kind=intern(kind),
-    )
+    return intern(kind)
+
+
+_names, _instants, _numbers = _each_distinct(_name), _each_distinct(_instant), _each_distinct(_number)
+METERED_READERS: dict[str, Reader] = {
+    "customer_id": _names,
+    "meter": _each_distinct(_required_name),
+    "period_start": _instants,
+    "period_end": _instants,
+    "quantity": _numbers,
+}
+INVOICED_READERS: dict[str, Reader] = {
+    "invoice_id": _ids,
+    "line_id": _ids,
+    "customer_id": _names,
+    "meter": _names,
+    "period_start": _instants,
+    "period_end": _instants,
+    "quantity": _numbers,
+    "amount": _numbers,
+    "currency": _each_distinct(_currency),
+    "kind": _each_distinct(_kind),
+}
 
 
 class _FieldReader:
