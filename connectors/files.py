@@ -407,12 +407,12 @@ class RawEventsFile:
         try:
             with _Watch(con, progress):
                 params = {"customers": sorted(customers)} if customers else None
-                rows = con.execute(sql, params).fetchall()
+                result = con.sql(sql, params=params).to_arrow_table()
         except duckdb.Error as exc:
             raise InputError(f"{self.table.path}: cannot be read: {_first_line(exc)}") from None
-        if any(row[-1] for row in rows):
+        if any(result.column("has_bad").to_pylist()):
             raise self._first_bad_row(types)
-        return [_raw_aggregate(row) for row in rows]
+        return _raw_aggregates(result)
 
     def _first_bad_row(self, types: dict[str, str]) -> InputError:
         """Find the first bad row in file order (only on the failure path)."""
@@ -571,42 +571,67 @@ def aggregate_sql(relation: str, types: dict[str, str], timeline: Timeline, evid
             count(*) FILTER (WHERE conflict) AS conflicts
         FROM ranked WHERE copy = 1
         GROUP BY ALL
+    ),
+    sums AS (
+        SELECT
+            {", ".join(f"coalesce(u.{k}, c.{k}) AS {k}" for k in key)},
+            CASE WHEN c.quantity IS NULL THEN u.quantity WHEN u.quantity IS NULL THEN c.quantity
+                ELSE u.quantity + c.quantity END AS quantity,
+            coalesce(u.events, 0) + coalesce(c.events, 0) AS events,
+            CASE WHEN c.late_ids IS NULL THEN u.late_ids ELSE list_concat(u.late_ids, c.late_ids) END AS late_ids,
+            c.dup_ids,
+            coalesce(c.dropped_copies, 0) AS dropped_copies,
+            coalesce(c.conflicts, 0) AS conflicts,
+            CASE WHEN c.origins IS NULL THEN u.origins ELSE list_concat(u.origins, c.origins) END AS origins
+        FROM (SELECT * FROM groups WHERE copies IS NULL) AS u
+        FULL JOIN copy_sums AS c ON u.customer_id = c.customer_id AND u.meter = c.meter
+            AND u.segment_no = c.segment_no AND u.receiving IS NOT DISTINCT FROM c.receiving
     )
+    -- The fields of RawAggregate, in its order, and whether a row was bad.
     SELECT
-        {", ".join(f"coalesce(u.{k}, c.{k}) AS {k}" for k in key)},
-        (CASE WHEN c.quantity IS NULL THEN u.quantity WHEN u.quantity IS NULL THEN c.quantity
-            ELSE u.quantity + c.quantity END)::VARCHAR AS quantity,
-        coalesce(u.events, 0) + coalesce(c.events, 0) AS events,
-        list_slice(list_sort(CASE WHEN c.late_ids IS NULL THEN u.late_ids
-            ELSE list_concat(u.late_ids, c.late_ids) END), 1, {limit}) AS late_ids,
-        list_slice(list_sort(c.dup_ids), 1, {limit}) AS dup_ids,
-        coalesce(c.dropped_copies, 0) AS dropped_copies,
-        coalesce(c.conflicts, 0) AS conflicts,
-        list_distinct(CASE WHEN c.origins IS NULL THEN u.origins ELSE list_concat(u.origins, c.origins) END) AS origins,
-        coalesce(u.segment_no, c.segment_no) = -3 AS has_bad
-    FROM (SELECT * FROM groups WHERE copies IS NULL) AS u
-    FULL JOIN copy_sums AS c ON u.customer_id = c.customer_id AND u.meter = c.meter
-        AND u.segment_no = c.segment_no AND u.receiving IS NOT DISTINCT FROM c.receiving
-    WHERE coalesce(u.segment_no, c.segment_no) IS DISTINCT FROM -2
+        customer_id, meter, CASE WHEN segment_no >= 0 THEN segment_no END AS segment, receiving,
+        quantity::VARCHAR AS quantity, events,
+        list_slice(list_sort(late_ids), 1, {limit}) AS late_event_ids,
+        list_slice(list_sort(dup_ids), 1, {limit}) AS duplicate_event_ids,
+        dropped_copies::BIGINT AS dropped_copies, conflicts AS conflicting_copies,
+        list_sort(list_distinct(origins)) AS origin_periods,
+        segment_no = -3 AS has_bad
+    FROM sums
+    WHERE segment_no IS DISTINCT FROM -2
     ORDER BY {", ".join(key)}  -- the report's order, so sorting it is cheap
     """
 
 
-def _raw_aggregate(row: tuple[Any, ...]) -> RawAggregate:
-    customer, meter, segment, receiving, quantity, events, late, dups, dropped, conflicts, origins, _ = row
-    return RawAggregate(
-        customer_id=intern(customer),
-        meter=intern(meter),
-        segment=None if segment is None or segment < 0 else segment,
-        receiving=receiving,
-        quantity=Decimal(quantity).normalize() if quantity is not None else Decimal(0),
-        events=events,
-        late_event_ids=tuple(late or ()),
-        duplicate_event_ids=tuple(dups or ()),
-        dropped_copies=int(dropped),
-        conflicting_copies=int(conflicts),
-        origin_periods=tuple(sorted(origins or ())),
+def _raw_aggregates(result: pa.Table) -> list[RawAggregate]:
+    """The query's rows as records, built column by column (most rows list no ids, no months)."""
+    names, quantities = _each_distinct(intern), _each_distinct(_quantity)
+
+    def values(name: str) -> list[Any]:
+        return result.column(name).to_pylist()
+
+    def tuples(name: str) -> list[tuple[str, ...]]:
+        return [tuple(items) if items else () for items in values(name)]
+
+    return list(
+        map(
+            RawAggregate,  # the fields in order
+            names(result.column("customer_id")),
+            names(result.column("meter")),
+            values("segment"),
+            values("receiving"),
+            quantities(result.column("quantity")),
+            values("events"),
+            tuples("late_event_ids"),
+            tuples("duplicate_event_ids"),
+            values("dropped_copies"),
+            values("conflicting_copies"),
+            tuples("origin_periods"),
+        )
     )
+
+
+def _quantity(text: str | None) -> Decimal:
+    return Decimal(text).normalize() if text is not None else Decimal(0)
 
 
 def _bucket(column: str, ends: list[datetime], start: datetime) -> str:
