@@ -20,7 +20,7 @@ from datetime import datetime
 from decimal import Decimal
 from pathlib import Path, PurePosixPath
 from sys import intern
-from typing import Any
+from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit
 
 import duckdb
@@ -29,6 +29,9 @@ from connectors.base import InputError
 from rules.models import InvoiceLine, MeteredRecord, RawAggregate
 from rules.timeline import Timeline
 from rules.values import parse_decimal, parse_instant
+
+if TYPE_CHECKING:  # DuckDB imports pyarrow when it hands out an Arrow table
+    import pyarrow as pa
 
 RAW_COLUMNS = ("event_id", "customer_id", "meter", "timestamp", "quantity")
 RAW_FIELDS = (*RAW_COLUMNS, "received_at")  # received_at is optional
@@ -165,8 +168,8 @@ class FileBilling:
     """Metered rows and invoice lines from two files in the canonical shapes."""
 
     def __init__(self, metered: str | Path | None, invoiced: str | Path | None) -> None:
-        self.metered_file = TableFile(metered) if metered else None
-        self.invoiced_file = TableFile(invoiced) if invoiced else None
+        self.metered_file = _in_file_order(metered) if metered else None
+        self.invoiced_file = _in_file_order(invoiced) if invoiced else None
 
     def fingerprint(self) -> str:
         parts = [f.fingerprint() for f in (self.metered_file, self.invoiced_file) if f]
@@ -177,7 +180,7 @@ class FileBilling:
             return
         table = self.metered_file
         table.require(METERED_COLUMNS)
-        parsed = _parse_all(table, METERED_COLUMNS, _metered_record)
+        parsed = _parse_all(table, METERED_READERS, MeteredRecord)
         if parsed is not None:
             yield from parsed
             return
@@ -197,7 +200,7 @@ class FileBilling:
             return
         table = self.invoiced_file
         table.require(INVOICED_COLUMNS)
-        parsed = _parse_all(table, INVOICED_COLUMNS, _invoice_line)
+        parsed = _parse_all(table, INVOICED_READERS, InvoiceLine)
         if parsed is not None:
             yield from parsed
             return
@@ -223,42 +226,58 @@ class FileBilling:
             )
 
 
-# Names that repeat across records (customer, meter, currency, kind) are interned: one
-# string per name instead of one per record.
+def _in_file_order(path: str | Path) -> TableFile:
+    """A file whose rows are read in file order: the row index names a bad row's line."""
+    con = connect()
+    con.execute("SET preserve_insertion_order = true")
+    return TableFile(path, con)
 
 
 class _Unsure(Exception):
     """A value the quick reading does not accept; the field-by-field reading decides."""
 
 
-def _parse_all(table: TableFile, columns: tuple[str, ...], make: Callable[..., Any]) -> list[Any] | None:
-    """Every row as a record by `make`, read in bulk with the same parsing as the
-    field-by-field reading below; None at the first doubtful value, so that the slow
-    reading names its file, line and field."""
-    instants: dict[str | None, datetime] = {}
+Reader = Callable[["pa.ChunkedArray"], list[Any]]
 
-    def instant(text: str | None) -> datetime:
-        moment = instants.get(text)
-        if moment is None:
-            value = (text or "").strip()
-            moment = parse_instant(value) if value else None
-            if moment is None:
-                raise _Unsure
-            instants[text] = moment
-        return moment
 
-    records: list[Any] = []
+def _parse_all(table: TableFile, fields: dict[str, Reader], make: Callable[..., Any]) -> list[Any] | None:
+    """Every row as a record `make(*values)`, read column by column (`fields`: each column and
+    its reader, in `make`'s order) with the same parsing as the field-by-field reading below;
+    None at the first doubtful value, so that the slow reading names its file, line and field."""
+    columns = tuple(fields)
+    select = ", ".join(f"CAST({_ident(c)} AS VARCHAR)" for c in columns)
     try:
-        cursor = table.con.execute(
-            f"SELECT {', '.join(f'CAST({_ident(c)} AS VARCHAR)' for c in columns)} FROM {table.relation(columns)}"
-        )
-        while batch := cursor.fetchmany(50_000):
-            records.extend(make(row, instant) for row in batch)
+        result = table.con.sql(f"SELECT {select} FROM {table.relation(columns)}").to_arrow_table()
     except duckdb.Error as exc:
         raise InputError(f"{table.path}: cannot be read: {_first_line(exc)}") from None
+    try:
+        values = [read(result.column(i)) for i, read in enumerate(fields.values())]
     except _Unsure:
         return None
-    return records
+    return list(map(make, *values))
+
+
+def _each_distinct(read: Callable[[str | None], Any]) -> Reader:
+    """A column reader that reads each distinct value once: customers, meters, instants and
+    amounts repeat from record to record, and the records share one object for each."""
+
+    def column(values: pa.ChunkedArray) -> list[Any]:
+        encoded = values.combine_chunks().dictionary_encode(null_encoding="encode")
+        distinct = [read(value) for value in encoded.dictionary.to_pylist()]
+        return list(map(distinct.__getitem__, encoded.indices.to_pylist()))
+
+    return column
+
+
+def _ids(values: pa.ChunkedArray) -> list[str]:
+    """Non-empty texts, trimmed: invoice and line ids, nearly all distinct."""
+    try:
+        texts = list(map(str.strip, values.to_pylist()))
+    except TypeError:  # a null
+        raise _Unsure from None
+    if not all(texts):
+        raise _Unsure
+    return texts
 
 
 def _required(value: str | None) -> str:
@@ -275,34 +294,57 @@ def _number(value: str | None) -> Decimal:
     return number
 
 
-def _metered_record(row: tuple[str | None, ...], instant: Callable[[str | None], datetime]) -> MeteredRecord:
-    customer, meter, start, end, quantity = row
-    return MeteredRecord(
-        customer_id=intern((customer or "").strip()),
-        meter=intern(_required(meter)),
-        period_start=instant(start),
-        period_end=instant(end),
-        quantity=_number(quantity),
-    )
+def _instant(value: str | None) -> datetime:
+    text = (value or "").strip()
+    moment = parse_instant(text) if text else None
+    if moment is None:
+        raise _Unsure
+    return moment
 
 
-def _invoice_line(row: tuple[str | None, ...], instant: Callable[[str | None], datetime]) -> InvoiceLine:
-    invoice, line, customer, meter, start, end, quantity, amount, currency, kind = row
-    kind = _required(kind)
+# Names that repeat across records (customer, meter, currency, kind) are interned: one
+# string per name instead of one per record.
+
+
+def _name(value: str | None) -> str:
+    return intern((value or "").strip())
+
+
+def _required_name(value: str | None) -> str:
+    return intern(_required(value))
+
+
+def _currency(value: str | None) -> str:
+    return intern(_required(value).lower())
+
+
+def _kind(value: str | None) -> str:
+    kind = _required(value)
     if kind not in KINDS:
         raise _Unsure
-    return InvoiceLine(
-        invoice_id=_required(invoice),
-        line_id=_required(line),
-        customer_id=intern((customer or "").strip()),
-        meter=intern((meter or "").strip()),
-        period_start=instant(start),
-        period_end=instant(end),
-        quantity=_number(quantity),
-        amount=_number(amount),
-        currency=intern(_required(currency).lower()),
-        kind=intern(kind),
-    )
+    return intern(kind)
+
+
+_names, _instants, _numbers = _each_distinct(_name), _each_distinct(_instant), _each_distinct(_number)
+METERED_READERS: dict[str, Reader] = {
+    "customer_id": _names,
+    "meter": _each_distinct(_required_name),
+    "period_start": _instants,
+    "period_end": _instants,
+    "quantity": _numbers,
+}
+INVOICED_READERS: dict[str, Reader] = {
+    "invoice_id": _ids,
+    "line_id": _ids,
+    "customer_id": _names,
+    "meter": _names,
+    "period_start": _instants,
+    "period_end": _instants,
+    "quantity": _numbers,
+    "amount": _numbers,
+    "currency": _each_distinct(_currency),
+    "kind": _each_distinct(_kind),
+}
 
 
 class _FieldReader:
@@ -365,12 +407,12 @@ class RawEventsFile:
         try:
             with _Watch(con, progress):
                 params = {"customers": sorted(customers)} if customers else None
-                rows = con.execute(sql, params).fetchall()
+                result = con.sql(sql, params=params).to_arrow_table()
         except duckdb.Error as exc:
             raise InputError(f"{self.table.path}: cannot be read: {_first_line(exc)}") from None
-        if any(row[-1] for row in rows):
+        if any(result.column("has_bad").to_pylist()):
             raise self._first_bad_row(types)
-        return [_raw_aggregate(row) for row in rows]
+        return _raw_aggregates(result)
 
     def _first_bad_row(self, types: dict[str, str]) -> InputError:
         """Find the first bad row in file order (only on the failure path)."""
@@ -424,8 +466,11 @@ def _event_columns(types: dict[str, str]) -> dict[str, str]:
 
 
 def _trimmed(column: str) -> str:
-    """A text column trimmed, NULL when empty."""
-    return f"NULLIF(trim(CAST({column} AS VARCHAR)), '')"
+    """A text column trimmed, NULL when empty. trim() walks every character (it strips Unicode
+    spaces), so it only runs on a value that starts or ends with a space or is not plain ASCII."""
+    text = f"CAST({column} AS VARCHAR)"
+    needs_trim = f"prefix({text}, ' ') OR suffix({text}, ' ') OR strlen({text}) <> length({text})"
+    return f"NULLIF(CASE WHEN {needs_trim} THEN trim({text}) ELSE {text} END, '')"
 
 
 def _select_events(columns: dict[str, str]) -> str:
@@ -443,97 +488,150 @@ def _row_checks(columns: dict[str, str]) -> list[tuple[str, str]]:
     ]
 
 
+# The sums of a group of rows: of the rows whose event id is unique, and of the first copies.
+_SUMS = """sum(qty) AS quantity,
+            count(*) AS events,
+            list(event_id) FILTER (WHERE receiving IS NOT NULL) AS late_ids,
+            list(origin) FILTER (WHERE origin IS NOT NULL) AS origins"""
+
+
 def aggregate_sql(relation: str, types: dict[str, str], timeline: Timeline, evidence_limit: int, zone: str) -> str:
     """One query: validate, deduplicate by event_id, bucket on the timeline, sum."""
     columns = _event_columns(types)
-    bad = "CASE " + " ".join(f"WHEN {test} THEN '{name}'" for name, test in _row_checks(columns)) + " END"
+    # A CASE, not an OR: an OR computes every test on every row, a CASE each test only on the
+    # rows the ones before it passed.
+    bad = "CASE " + " ".join(f"WHEN {test} THEN true" for _, test in _row_checks(columns)) + " ELSE false END"
     start, end = _ts(timeline.start), _ts(timeline.end)
     first_window, last_window = _ts(timeline.start + timeline.grace), _ts(timeline.end + timeline.grace)
     period = _bucket("ts", [p.end for p in timeline.periods], timeline.start)
     segment = _bucket("ts", [s.end for s in timeline.segments], timeline.start)
     window = _window("rcv", timeline)
     limit = max(evidence_limit, 0)
-    # Each row's text is parsed once. Ids seen more than once are found by their hash on the
-    # bare event_id column; the rows whose id hash is unique (nearly all) and the few others
-    # are then parsed on separate paths, the latter deduplicated by their exact id. A hash
-    # collision only sends a row down the exact path, so the result does not depend on it.
-    id_hash = f"hash({_trimmed('f.event_id')})"
-    parsed = f"SELECT *, {bad} AS bad FROM (SELECT {_select_events(columns)} FROM ROWS)"
+    key = ("customer_id", "meter", "segment_no", "receiving")
+    # The file is read twice: once for the hashes of the event ids seen more than once, then for
+    # everything else. A hash collision only sends a row down the path of the copies, where rows
+    # are told apart by their exact id, so the result does not depend on it.
     return f"""
-    WITH dup_ids AS MATERIALIZED (
-        SELECT h FROM (SELECT {id_hash} AS h FROM {relation} AS f WHERE {_trimmed("f.event_id")} IS NOT NULL)
-        GROUP BY h HAVING count(*) > 1
-    ),
-    single AS (
-        {parsed.replace("ROWS", f"{relation} AS f ANTI JOIN dup_ids ON {id_hash} = dup_ids.h")}
-    ),
-    copies AS (
-        {parsed.replace("ROWS", f"{relation} AS f SEMI JOIN dup_ids ON {id_hash} = dup_ids.h")}
-    ),
-    dup_rows AS (
-        SELECT copies.*,
-            row_number() OVER (same_id ORDER BY coalesce(rcv, ts), qty, customer_id, meter, ts) AS copy,
-            count(*) OVER same_id AS copies,
-            min(qty) OVER same_id <> max(qty) OVER same_id AS conflict
-        FROM copies
-        WINDOW same_id AS (PARTITION BY event_id)
+    WITH dup_hashes AS MATERIALIZED (
+        -- Sorting the hashes finds the repeated ones for less than a GROUP BY of ten million.
+        SELECT DISTINCT h FROM (SELECT hash({_trimmed("event_id")}) AS h FROM {relation})
+        QUALIFY h = lag(h) OVER (ORDER BY h)
     ),
     events AS (
-        SELECT *, 1 AS copies, false AS conflict FROM single
-        UNION ALL
-        SELECT * EXCLUDE (copy) FROM dup_rows WHERE copy = 1 OR bad IS NOT NULL
+        -- Each row parsed once (before the join, which would turn Parquet's dictionary-encoded
+        -- columns into plain ones); `is_copy` when its id's hash is among those above.
+        SELECT e.*, dup_hashes.h IS NOT NULL AND NOT e.bad AS is_copy
+        FROM (SELECT *, {bad} AS bad FROM (SELECT {_select_events(columns)} FROM {relation})) AS e
+        LEFT JOIN dup_hashes ON hash(e.event_id) = dup_hashes.h
     ),
     placed AS (
-        -- Rows outside the run (neither in its periods nor late for its first one) fall in a
-        -- segment of their own, dropped after the sums: a WHERE here would be pushed down and
-        -- parse every row a second time.
-        SELECT *, {period} AS period_no, CASE WHEN keep THEN {segment} ELSE -2 END AS segment_no,
+        -- Bad rows fall in segment -3, which stops the run. Rows outside the run (neither in
+        -- its periods nor late for its first one) fall in segment -2, dropped after the sums: a
+        -- WHERE here would be pushed down and parse every row a second time.
+        SELECT *, {period} AS period_no,
+            CASE WHEN bad THEN -3 WHEN keep THEN {segment} ELSE -2 END AS segment_no,
             {window} AS window_no
         FROM (
-            SELECT *, (bad IS NOT NULL
-                OR (ts >= {start} AND ts < {end})
+            SELECT *, ((ts >= {start} AND ts < {end})
                 OR (ts < {start} AND rcv > {first_window} AND rcv <= {last_window})) AS keep
             FROM events
         )
     ),
     flagged AS (
-        SELECT *, CASE WHEN window_no > period_no THEN window_no END AS receiving FROM placed
-    )
-    SELECT * EXCLUDE (kept) FROM (
+        SELECT *, CASE WHEN window_no > period_no THEN window_no END AS receiving,
+            -- the month of an event before the run, late into it (a CASE: only those are formatted)
+            CASE WHEN segment_no = -1 THEN strftime(timezone({_quote_literal(zone)}, ts), '%Y-%m') END AS origin
+        FROM placed
+    ),
+    groups AS MATERIALIZED (
+        -- One pass over the rows: those with a unique id are summed by key; the copies are
+        -- grouped by their exact id, and listed.
         SELECT
-            customer_id, meter, segment_no, receiving,
-            sum(qty)::VARCHAR AS quantity,
-            count(*) AS events,
-            list_slice(list(event_id ORDER BY event_id) FILTER (WHERE receiving IS NOT NULL), 1, {limit}) AS late_ids,
-            list_slice(list(event_id ORDER BY event_id) FILTER (WHERE copies > 1), 1, {limit}) AS dup_ids,
-            coalesce(sum(copies - 1), 0) AS dropped_copies,
-            count(*) FILTER (WHERE conflict) AS conflicts,
-            list_distinct(list(strftime(timezone({_quote_literal(zone)}, ts), '%Y-%m'))
-                FILTER (WHERE segment_no = -1)) AS origins,
-            bool_or(bad IS NOT NULL) AS has_bad,
-            bool_or(keep) AS kept
+            {", ".join(f"CASE WHEN NOT is_copy THEN {k} END AS {k}" for k in key)},
+            CASE WHEN is_copy THEN event_id END AS copy_of,
+            {_SUMS},
+            list(struct_pack(event_id, customer_id, meter, segment_no, receiving, origin, qty, ts, rcv))
+                FILTER (WHERE is_copy) AS copies
         FROM flagged
-        GROUP BY customer_id, meter, segment_no, receiving
-    ) WHERE kept
-    ORDER BY customer_id, meter, segment_no, receiving  -- the report's order, so sorting it is cheap
+        GROUP BY ALL
+    ),
+    ranked AS (
+        SELECT *,
+            row_number() OVER (same_id ORDER BY coalesce(rcv, ts), qty, customer_id, meter, ts) AS copy,
+            count(*) OVER same_id AS copies,
+            min(qty) OVER same_id <> max(qty) OVER same_id AS conflict
+        FROM (SELECT unnest(copy) FROM (SELECT unnest(copies) AS copy FROM groups WHERE copies IS NOT NULL))
+        WINDOW same_id AS (PARTITION BY event_id)
+    ),
+    copy_sums AS (
+        -- The first received copy of each id counts; the others are counted and listed.
+        SELECT {", ".join(key)}, {_SUMS},
+            list(event_id) FILTER (WHERE copies > 1) AS dup_ids,
+            sum(copies - 1) AS dropped_copies,
+            count(*) FILTER (WHERE conflict) AS conflicts
+        FROM ranked WHERE copy = 1
+        GROUP BY ALL
+    ),
+    sums AS (
+        SELECT
+            {", ".join(f"coalesce(u.{k}, c.{k}) AS {k}" for k in key)},
+            CASE WHEN c.quantity IS NULL THEN u.quantity WHEN u.quantity IS NULL THEN c.quantity
+                ELSE u.quantity + c.quantity END AS quantity,
+            coalesce(u.events, 0) + coalesce(c.events, 0) AS events,
+            CASE WHEN c.late_ids IS NULL THEN u.late_ids ELSE list_concat(u.late_ids, c.late_ids) END AS late_ids,
+            c.dup_ids,
+            coalesce(c.dropped_copies, 0) AS dropped_copies,
+            coalesce(c.conflicts, 0) AS conflicts,
+            CASE WHEN c.origins IS NULL THEN u.origins ELSE list_concat(u.origins, c.origins) END AS origins
+        FROM (SELECT * FROM groups WHERE copies IS NULL) AS u
+        FULL JOIN copy_sums AS c ON u.customer_id = c.customer_id AND u.meter = c.meter
+            AND u.segment_no = c.segment_no AND u.receiving IS NOT DISTINCT FROM c.receiving
+    )
+    -- The fields of RawAggregate, in its order, and whether a row was bad.
+    SELECT
+        customer_id, meter, CASE WHEN segment_no >= 0 THEN segment_no END AS segment, receiving,
+        quantity::VARCHAR AS quantity, events,
+        list_slice(list_sort(late_ids), 1, {limit}) AS late_event_ids,
+        list_slice(list_sort(dup_ids), 1, {limit}) AS duplicate_event_ids,
+        dropped_copies::BIGINT AS dropped_copies, conflicts AS conflicting_copies,
+        list_sort(list_distinct(origins)) AS origin_periods,
+        segment_no = -3 AS has_bad
+    FROM sums
+    WHERE segment_no IS DISTINCT FROM -2
+    ORDER BY {", ".join(key)}  -- the report's order, so sorting it is cheap
     """
 
 
-def _raw_aggregate(row: tuple[Any, ...]) -> RawAggregate:
-    customer, meter, segment, receiving, quantity, events, late, dups, dropped, conflicts, origins, _ = row
-    return RawAggregate(
-        customer_id=intern(customer),
-        meter=intern(meter),
-        segment=None if segment is None or segment < 0 else segment,
-        receiving=receiving,
-        quantity=Decimal(quantity).normalize() if quantity is not None else Decimal(0),
-        events=events,
-        late_event_ids=tuple(late or ()),
-        duplicate_event_ids=tuple(dups or ()),
-        dropped_copies=int(dropped),
-        conflicting_copies=int(conflicts),
-        origin_periods=tuple(sorted(origins or ())),
+def _raw_aggregates(result: pa.Table) -> list[RawAggregate]:
+    """The query's rows as records, built column by column (most rows list no ids, no months)."""
+    names, quantities = _each_distinct(intern), _each_distinct(_quantity)
+
+    def values(name: str) -> list[Any]:
+        return result.column(name).to_pylist()
+
+    def tuples(name: str) -> list[tuple[str, ...]]:
+        return [tuple(items) if items else () for items in values(name)]
+
+    return list(
+        map(
+            RawAggregate,  # the fields in order
+            names(result.column("customer_id")),
+            names(result.column("meter")),
+            values("segment"),
+            values("receiving"),
+            quantities(result.column("quantity")),
+            values("events"),
+            tuples("late_event_ids"),
+            tuples("duplicate_event_ids"),
+            values("dropped_copies"),
+            values("conflicting_copies"),
+            tuples("origin_periods"),
+        )
     )
+
+
+def _quantity(text: str | None) -> Decimal:
+    return Decimal(text).normalize() if text is not None else Decimal(0)
 
 
 def _bucket(column: str, ends: list[datetime], start: datetime) -> str:
@@ -564,7 +662,7 @@ def _instant_sql(column: str, kind: str) -> str:
         f"CASE WHEN regexp_full_match({text}, '-?[0-9]+(\\.[0-9]{{1,6}})?') THEN CAST(make_timestamp("
         f"CAST(CAST({text} AS DECIMAL(38,6)) * 1000000 AS BIGINT)) AS TIMESTAMPTZ) END"
     )
-    return f"coalesce(TRY_CAST({text} AS TIMESTAMPTZ), {epoch})"
+    return _trim_if_needed(f"CAST({name} AS VARCHAR)", "TIMESTAMPTZ", epoch)
 
 
 def _decimal_sql(column: str, kind: str) -> str:
@@ -572,7 +670,15 @@ def _decimal_sql(column: str, kind: str) -> str:
     kind = kind.upper()
     if kind.startswith("DECIMAL") or kind in _NUMERIC:
         return f"CAST({name} AS {QUANTITY})"
-    return f"TRY_CAST(trim(CAST({name} AS VARCHAR)) AS {QUANTITY})"
+    return _trim_if_needed(f"CAST({name} AS VARCHAR)", QUANTITY)
+
+
+def _trim_if_needed(text: str, kind: str, fallback: str = "NULL") -> str:
+    """TRY_CAST(trim(text) AS kind), else `fallback`. The cast skips ASCII white space itself, and
+    whatever it reads untrimmed it reads the same trimmed, so trim() (slow: it strips Unicode spaces
+    too) runs only where the plain cast fails. coalesce() evaluates an argument only on the rows
+    the arguments before it left NULL."""
+    return f"coalesce(TRY_CAST({text} AS {kind}), TRY_CAST(trim({text}) AS {kind}), {fallback})"
 
 
 class _Watch:

@@ -10,6 +10,7 @@ from zoneinfo import ZoneInfo
 import duckdb
 import pytest
 
+from connectors import files
 from connectors.base import InputError
 from connectors.files import FileBilling, RawEventsFile
 from rules.periods import month
@@ -128,6 +129,40 @@ def test_bad_metered_and_invoiced_rows_name_line_and_field(tmp_path):
         list(FileBilling(meters, None).metered())
     with pytest.raises(InputError, match=r"invoiced.csv: line 3: kind: must be one of usage, credit"):
         list(FileBilling(None, lines).invoiced())
+
+
+def test_the_quick_reading_of_billing_rows_equals_the_field_by_field_one(tmp_path, monkeypatch):
+    offsets = ("2026-10-01T02:00:00+02:00", " 1793491200 ")  # October in UTC, written otherwise
+    meters = write_csv(
+        tmp_path / "metered.csv",
+        METERED,
+        [metered(" 10.50 ", customer=" cus_a\u00a0", span=offsets), metered("1e3", customer=""), metered("007")],
+    )
+    lines = write_csv(
+        tmp_path / "invoiced.csv",
+        INVOICED,
+        [line(" 10.5 ", "-0.10", kind="credit", currency=" USD "), line("3E-2", "1.000", meter="", customer="cus_b")],
+    )
+
+    def read() -> str:
+        billing = FileBilling(meters, lines)
+        return repr((list(billing.metered()), list(billing.invoiced())))  # repr: the digits too
+
+    quick = read()
+    monkeypatch.setattr(files, "_parse_all", lambda *args: None)
+    assert read() == quick
+
+
+def test_a_bad_billing_row_far_down_a_file_is_named_by_its_row(tmp_path):
+    path = tmp_path / "metered.parquet"
+    duckdb.sql(
+        f"""COPY (SELECT 'cus_' || i AS customer_id, 'api_calls' AS meter, '2026-10-01T00:00:00Z' AS period_start,
+                  '2026-11-01T00:00:00Z' AS period_end, CASE WHEN i = 49000 THEN 'ten' ELSE i::VARCHAR END AS quantity
+                 FROM range(50000) t(i))
+            TO '{path}' (FORMAT parquet, ROW_GROUP_SIZE 1024)"""  # many row groups, read in parallel
+    )
+    with pytest.raises(InputError, match=r"metered.parquet: row 49001: quantity: not a decimal number \('ten'\)"):
+        list(FileBilling(path, None).metered())
 
 
 def test_invoice_values_are_exact_decimals_and_lower_case_currency(tmp_path):
