@@ -19,6 +19,7 @@ from zoneinfo import ZoneInfo
 
 import psycopg
 import pytest
+import sqlalchemy as sa
 from click.testing import CliRunner
 from psycopg import sql
 
@@ -26,7 +27,7 @@ from bot.cli import main
 from connectors.base import InputError
 from connectors.files import RawEventsFile
 from connectors.raw import is_database, raw_source, resolve
-from connectors.sql import RawEventsSQL, redact
+from connectors.sql import Aggregation, RawEventsSQL, redact
 from rules.config import ConfigError, RawTable, parse_config
 from rules.periods import month
 from rules.timeline import build_timeline
@@ -122,6 +123,41 @@ def test_sql_aggregates_equal_the_files_aggregates(schema, tmp_path):
                 expected = RawEventsFile(path).aggregate(grid, limit, customers=customers)
                 assert by_key(source.aggregate(grid, limit, customers=customers)) == by_key(expected)
     assert source.fingerprint().startswith("sql:")
+
+
+COPY_ROWS = [
+    # the kept copy is cus_a's; the dropped one is cus_d's only row: cus_d has no aggregate
+    event("moved", 4, received_at="2026-10-10T12:05:00Z"),
+    event("moved", 4, customer="cus_d", received_at="2026-10-10T12:07:00Z"),
+    # received on time first, then again after the window closed: not a late event
+    event("relayed", 2, timestamp="2026-10-20T00:00:00Z", received_at="2026-10-20T00:01:00Z"),
+    event("relayed", 2, timestamp="2026-10-20T00:00:00Z", received_at="2026-11-20T00:00:00Z"),
+    # late events of one key, one of them twice: each list shows its own ids up to the limit
+    event("late_a", 1, timestamp="2026-10-30T00:00:00Z", received_at="2026-11-20T00:00:00Z"),
+    event("late_b", 1, timestamp="2026-10-30T00:00:00Z", received_at="2026-11-20T00:00:00Z"),
+    event("late_b", 1, timestamp="2026-10-30T00:00:00Z", received_at="2026-11-21T00:00:00Z"),
+    # a catch-up event sent twice with different timestamps: only the kept copy's month is its origin
+    event("caught", 10, timestamp="2026-09-29T00:00:00Z", received_at="2026-10-05T00:00:00Z"),
+    event("caught", 10, timestamp="2026-07-31T23:00:00Z", received_at="2026-10-06T00:00:00Z"),
+    # three copies, two quantities: two dropped, one conflict
+    event("thrice", 5, received_at="2026-10-12T00:00:00Z"),
+    event("thrice", 6, received_at="2026-10-12T00:01:00Z"),
+    event("thrice", 5, received_at="2026-10-12T00:02:00Z"),
+]
+
+
+def test_copies_are_taken_off_the_keys_they_fell_in(schema, tmp_path, monkeypatch):
+    """Copies counted once wherever they landed, with the files' result; again when every id
+    shares its hash with others (the copies are found by exact id among them)."""
+    rows = [*ODD_ROWS, *COPY_ROWS]
+    source = RawEventsSQL(POSTGRES_URL, RawTable(name=load(schema, "copy_events", rows)))
+    path = write_csv(tmp_path / "raw.csv", RAW, rows)
+    grids = (timeline((2026, 10)), timeline((2026, 10), (2026, 11)))
+    expected = [by_key(RawEventsFile(path).aggregate(grid, limit)) for grid in grids for limit in (0, 1, 100)]
+    assert [by_key(source.aggregate(grid, limit)) for grid in grids for limit in (0, 1, 100)] == expected
+    assert not [a for a in expected[2] if a.customer_id == "cus_d"]
+    monkeypatch.setattr(Aggregation, "id_key", lambda self, event_id: sa.func.length(event_id))
+    assert [by_key(source.aggregate(grid, limit)) for grid in grids for limit in (0, 1, 100)] == expected
 
 
 def test_a_table_keyed_by_event_id_gives_the_same_aggregates(schema, tmp_path):
@@ -285,5 +321,5 @@ def test_cli_with_a_database_book(schema, tmp_path):
 def test_the_query_plans_show_the_aggregation_in_the_database(schema):
     source = RawEventsSQL(POSTGRES_URL, RawTable(name=load(schema, "plan_events", ODD_ROWS)))
     plans = source.plans(timeline((2026, 10)), 10)
-    assert len(plans) == 4  # duplicate ids, per-key sums, late ids, copies
+    assert len(plans) == 3  # per-key sums, duplicate ids, copies and late ids
     assert all("Scan on plan_events" in plan and "Aggregate" in plan for plan in plans)
