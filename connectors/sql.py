@@ -22,16 +22,19 @@ the dialect, values (instants, customer ids, the evidence limit) are bound
 parameters. Quantities are summed exactly: integer columns as integers (the fast
 path), anything else as NUMERIC, never as floating point.
 
-PostgreSQL only, with a plain path for other databases: the copies are found by a
-64-bit hash of the id (`hashtextextended`) rather than the id's text; elsewhere the
-ids themselves are grouped.
+PostgreSQL only, each with a plain path for other databases: the copies are found by
+a 64-bit hash of the id (`hashtextextended`) rather than the id's text, and the sums
+run on one connection while a second one, on the same exported snapshot, looks for
+the copies; elsewhere the ids themselves are grouped, one statement after another.
 """
 
 from __future__ import annotations
 
 import hashlib
 import os
+import re
 from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from datetime import datetime
 from decimal import Decimal
@@ -53,12 +56,14 @@ KEY = ("customer_id", "meter", "segment_no", "receiving", "origin")
 # The statements, with their planner settings on PostgreSQL (for the transaction only). The
 # sums are one hash aggregation held in memory: PostgreSQL cannot estimate the groups of the
 # bucket expressions and would otherwise sort every row. The duplicate search sorts 8-byte
-# hashes in memory, faster than a hash table of every id.
+# hashes in memory, faster than a hash table of every id. The other two run beside the sums,
+# each in one process: parallel workers would take the cores the sums need.
 STATEMENTS: dict[str, dict[str, str]] = {
     "sums": {"enable_sort": "off", "work_mem": "256MB"},
-    "duplicates": {"enable_hashagg": "off", "work_mem": "256MB"},
-    "evidence": {},
+    "duplicates": {"enable_hashagg": "off", "work_mem": "256MB", "max_parallel_workers_per_gather": "0"},
+    "evidence": {"max_parallel_workers_per_gather": "0"},
 }
+SNAPSHOT_ID = re.compile(r"[0-9A-F]+-[0-9A-F]+-[0-9]+")
 DRIVERS = {"postgresql": "postgresql+psycopg", "postgres": "postgresql+psycopg"}
 
 
@@ -153,7 +158,8 @@ class RawEventsSQL:
         return aggregates
 
     def plans(self, timeline: Timeline, evidence_limit: int, zone: str = "UTC") -> list[str]:
-        """EXPLAIN ANALYZE (PostgreSQL) of each statement `aggregate()` runs, run the same way."""
+        """EXPLAIN ANALYZE (PostgreSQL) of each statement `aggregate()` runs, run the same way
+        (the sums while the other two run on a second connection); in STATEMENTS' order."""
         plans: dict[str, str] = {}
 
         def explain(conn: sa.Connection, name: str, statement: sa.Select) -> list[Any]:
@@ -174,7 +180,8 @@ class RawEventsSQL:
         execute: Callable[[sa.Connection, str, sa.Select], list[Any]],
     ) -> tuple[list[Any], list[Any]]:
         """Run the statements in one read-only snapshot through `execute`: the per-key sums of
-        every row, and the evidence rows that correct them (see `Aggregation`)."""
+        every row, and the evidence rows that correct them (see `Aggregation`). On PostgreSQL
+        the sums run while a second connection, on the same snapshot, finds the copies."""
         limit = max(evidence_limit, 0)
         try:
             with self.engine.connect() as conn:
@@ -192,8 +199,15 @@ class RawEventsSQL:
                     with _settings(on, STATEMENTS[name] if postgres else {}):
                         return execute(on, name, statement)
 
-                sums = run(conn, "sums", query.sums())
-                rows = copies(conn)
+                if postgres:
+                    snapshot = conn.execute(sa.select(sa.func.pg_export_snapshot())).scalar_one()
+                    with ThreadPoolExecutor(max_workers=1) as pool:
+                        corrections = pool.submit(self._on_snapshot, snapshot, copies)
+                        sums = run(conn, "sums", query.sums())
+                        rows = corrections.result()
+                else:
+                    sums = run(conn, "sums", query.sums())
+                    rows = copies(conn)
                 if any(row[-1] for row in rows):
                     raise self._bad_row(conn, query)
                 return sums, rows
@@ -201,6 +215,12 @@ class RawEventsSQL:
             raise InputError(f"{self.label}: {_first_line(exc)}") from None
         except SQLAlchemyError as exc:
             raise ConnectorError(f"{self.label}: {_first_line(exc)}") from None
+
+    def _on_snapshot(self, snapshot: str, work: Callable[[sa.Connection], list[Any]]) -> list[Any]:
+        """`work` on a second connection that sees what the first sees (PostgreSQL)."""
+        with self.engine.connect() as conn:
+            _begin(conn, True, snapshot)
+            return work(conn)
 
     def _bad_row(self, conn: sa.Connection, query: Aggregation) -> InputError:
         row = conn.execute(query.first_bad()).one()
@@ -452,11 +472,15 @@ def _fetch(conn: sa.Connection, name: str, statement: sa.Select) -> list[Any]:
     return conn.execute(statement).fetchall()
 
 
-def _begin(conn: sa.Connection, postgres: bool) -> None:
-    """A read-only REPEATABLE READ transaction in UTC (PostgreSQL)."""
+def _begin(conn: sa.Connection, postgres: bool, snapshot: str | None = None) -> None:
+    """A read-only REPEATABLE READ transaction in UTC (PostgreSQL), on `snapshot` if given."""
     if not postgres:
         return
     conn.execute(sa.text("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ, READ ONLY"))
+    if snapshot is not None:
+        if not SNAPSHOT_ID.fullmatch(snapshot):
+            raise ConnectorError(f"unexpected snapshot id {snapshot!r}")
+        conn.exec_driver_sql(f"SET TRANSACTION SNAPSHOT '{snapshot}'")  # takes no parameter
     conn.execute(sa.text("SET LOCAL TIME ZONE 'UTC'"))
 
 

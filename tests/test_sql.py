@@ -27,7 +27,7 @@ from bot.cli import main
 from connectors.base import InputError
 from connectors.files import RawEventsFile
 from connectors.raw import is_database, raw_source, resolve
-from connectors.sql import Aggregation, RawEventsSQL, redact
+from connectors.sql import Aggregation, RawEventsSQL, _begin, redact
 from rules.config import ConfigError, RawTable, parse_config
 from rules.periods import month
 from rules.timeline import build_timeline
@@ -158,6 +158,26 @@ def test_copies_are_taken_off_the_keys_they_fell_in(schema, tmp_path, monkeypatc
     assert not [a for a in expected[2] if a.customer_id == "cus_d"]
     monkeypatch.setattr(Aggregation, "id_key", lambda self, event_id: sa.func.length(event_id))
     assert [by_key(source.aggregate(grid, limit)) for grid in grids for limit in (0, 1, 100)] == expected
+
+
+def test_the_copies_are_looked_for_in_the_snapshot_the_sums_read(schema):
+    """The second connection imports the first one's snapshot: a row added in between is seen
+    by neither."""
+    name = load(schema, "snap_events", [event("e1", 1)])
+    source = RawEventsSQL(POSTGRES_URL, RawTable(name=name))
+    count = sa.select(sa.func.count()).select_from(sa.table("snap_events", schema=schema))
+    with source.engine.connect() as conn:
+        _begin(conn, postgres=True)
+        snapshot = conn.execute(sa.select(sa.func.pg_export_snapshot())).scalar_one()
+        with psycopg.connect(POSTGRES_URL, autocommit=True) as other:
+            other.execute(
+                sql.SQL("INSERT INTO {} VALUES ('e2', 'cus_a', 'api_calls', now(), 1, NULL)").format(
+                    sql.Identifier(schema, "snap_events")
+                )
+            )
+        assert source._on_snapshot(snapshot, lambda second: second.execute(count).scalar_one()) == 1
+    with source.engine.connect() as conn:
+        assert conn.execute(count).scalar_one() == 2
 
 
 def test_a_table_keyed_by_event_id_gives_the_same_aggregates(schema, tmp_path):
