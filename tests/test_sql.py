@@ -257,6 +257,8 @@ def test_a_bad_row_is_one_line_naming_table_event_and_column(schema):
     message = str(caught.value)
     assert message.endswith(f"table {name}: a row of customer_id 'cus_z': event_id: is empty")
     assert "s3cret" not in message and "***" in message
+    with pytest.raises(InputError, match="event_id: is empty"):  # with no evidence ids to show either
+        RawEventsSQL(POSTGRES_URL, RawTable(name=name)).aggregate(timeline((2026, 10)), 0)
     with pytest.raises(InputError, match=r"missing column 'qty' \(sources.raw_table.quantity\)"):
         columns = dict(RawTable().columns) | {"quantity": "qty"}
         RawEventsSQL(POSTGRES_URL, RawTable(name=name, columns=tuple(columns.items()))).aggregate(
