@@ -1,10 +1,10 @@
 """Raw usage events in a database table, aggregated where they live.
 
-The database ships no event: it filters the run's time range, finds the event ids
-seen more than once, buckets on the run's timeline and sums per customer × meter ×
-segment, in a few statements that read one REPEATABLE READ snapshot; only those
-aggregates, the duplicated ids and the (capped) evidence ids come back. The
-semantics are those of `connectors.files.RawEventsFile`:
+The database ships no event: it filters the run's time range, buckets on the run's
+timeline, sums per customer × meter × segment and finds the event ids seen more than
+once, in three statements that read one REPEATABLE READ snapshot (`Aggregation`);
+only those sums, the few rows that correct them for copies, and the (capped)
+evidence ids come back. The semantics are those of `connectors.files.RawEventsFile`:
 
 - rows with a repeated event_id count once: the copy received first (then the
   smallest quantity) is kept, the others are counted as dropped, and copies that
@@ -21,13 +21,21 @@ The SQL is built with SQLAlchemy Core: identifiers from the config are quoted by
 the dialect, values (instants, customer ids, the evidence limit) are bound
 parameters. Quantities are summed exactly: integer columns as integers (the fast
 path), anything else as NUMERIC, never as floating point.
+
+PostgreSQL only, each with a plain path for other databases: the copies are found by
+a 64-bit hash of the id (`hashtextextended`) rather than the id's text, and the sums
+run on one connection while a second one, on the same exported snapshot, looks for
+the copies; elsewhere the ids themselves are grouped, one statement after another.
 """
 
 from __future__ import annotations
 
 import hashlib
 import os
-from collections.abc import Callable, Iterable
+import re
+from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from datetime import datetime
 from decimal import Decimal
 from typing import Any
@@ -40,9 +48,22 @@ from sqlalchemy.exc import ArgumentError, DataError, NoSuchModuleError, NoSuchTa
 from connectors.base import ConnectorError, InputError
 from rules.config import RawTable
 from rules.models import RawAggregate
+from rules.reconcile import without_cyclic_gc
 from rules.timeline import Timeline
 
 TEXT = sa.Text()
+KEY = ("customer_id", "meter", "segment_no", "receiving", "origin")
+# The statements, with their planner settings on PostgreSQL (for the transaction only). The
+# sums are one hash aggregation held in memory: PostgreSQL cannot estimate the groups of the
+# bucket expressions and would otherwise sort every row. The duplicate search sorts 8-byte
+# hashes in memory, faster than a hash table of every id. The other two run beside the sums,
+# each in one process: parallel workers would take the cores the sums need.
+STATEMENTS: dict[str, dict[str, str]] = {
+    "sums": {"enable_sort": "off", "work_mem": "256MB"},
+    "duplicates": {"enable_hashagg": "off", "work_mem": "256MB", "max_parallel_workers_per_gather": "0"},
+    "evidence": {"max_parallel_workers_per_gather": "0"},
+}
+SNAPSHOT_ID = re.compile(r"[0-9A-F]+-[0-9A-F]+-[0-9]+")
 DRIVERS = {"postgresql": "postgresql+psycopg", "postgres": "postgresql+psycopg"}
 
 
@@ -130,23 +151,25 @@ class RawEventsSQL:
     ) -> list[RawAggregate]:
         """Aggregates on the timeline; with `customers`, only their events are read.
         (`progress` is accepted for the files source's interface; a database shows none.)"""
-        rows = self._run(timeline, evidence_limit, zone, customers, lambda conn, s: conn.execute(s).fetchall())
-        aggregates = _merge(rows, evidence_limit)
-        self._digest = _digest(aggregates)
+        with without_cyclic_gc():
+            sums, evidence = self._run(timeline, evidence_limit, zone, customers, _fetch)
+            aggregates = _merge(sums, evidence, evidence_limit)
+            self._digest = _digest(aggregates)
         return aggregates
 
     def plans(self, timeline: Timeline, evidence_limit: int, zone: str = "UTC") -> list[str]:
-        """EXPLAIN ANALYZE (PostgreSQL) of each statement `aggregate()` runs, run the same way."""
-        plans: list[str] = []
+        """EXPLAIN ANALYZE (PostgreSQL) of each statement `aggregate()` runs, run the same way
+        (the sums while the other two run on a second connection); in STATEMENTS' order."""
+        plans: dict[str, str] = {}
 
-        def explain(conn: sa.Connection, statement: sa.Select) -> list[Any]:
+        def explain(conn: sa.Connection, name: str, statement: sa.Select) -> list[Any]:
             compiled = statement.compile(conn, compile_kwargs={"render_postcompile": True})
             lines = conn.exec_driver_sql(f"EXPLAIN (ANALYZE, COSTS OFF) {compiled}", compiled.params).scalars()
-            plans.append("\n".join(lines))
-            return conn.execute(statement).fetchall()
+            plans[name] = "\n".join(lines)
+            return _fetch(conn, name, statement)
 
         self._run(timeline, evidence_limit, zone, frozenset(), explain)
-        return plans
+        return [plans[name] for name in STATEMENTS if name in plans]
 
     def _run(
         self,
@@ -154,36 +177,50 @@ class RawEventsSQL:
         evidence_limit: int,
         zone: str,
         customers: frozenset[str],
-        execute: Callable[[sa.Connection, sa.Select], list[Any]],
-    ) -> list[Any]:
-        """Run the statements in one read-only snapshot through `execute`; the aggregation's rows."""
+        execute: Callable[[sa.Connection, str, sa.Select], list[Any]],
+    ) -> tuple[list[Any], list[Any]]:
+        """Run the statements in one read-only snapshot through `execute`: the per-key sums of
+        every row, and the evidence rows that correct them (see `Aggregation`). On PostgreSQL
+        the sums run while a second connection, on the same snapshot, finds the copies."""
+        limit = max(evidence_limit, 0)
         try:
             with self.engine.connect() as conn:
                 postgres = conn.dialect.name == "postgresql"
-                if postgres:
-                    conn.execute(sa.text("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ, READ ONLY"))
-                    conn.execute(sa.text("SET LOCAL TIME ZONE 'UTC'"))
+                _begin(conn, postgres)
                 table, types = self._columns(conn)
-                query = Aggregation(table, self.table, types, timeline, customers)
-                duplicates: list[str] = []
-                if not self._unique_ids(conn):  # a key on event_id: no copies to look for
-                    duplicates = sorted(row[0] for row in execute(conn, query.duplicated_ids()))
-                rows: list[Any] = []
-                for number, statement in enumerate(query.statements(duplicates, max(evidence_limit, 0), zone)):
-                    if number == 0 and postgres:
-                        # The per-key sums are one hash aggregation; PostgreSQL cannot estimate
-                        # the groups of the bucket expressions and would otherwise sort every row.
-                        conn.execute(sa.text("SET LOCAL enable_sort = off"))
-                    rows.extend(execute(conn, statement))
-                    if number == 0 and postgres:
-                        conn.execute(sa.text("SET LOCAL enable_sort = on"))
+                query = Aggregation(table, self.table, types, timeline, customers, zone, postgres)
+                unique = self._unique_ids(conn)  # a key on event_id: no copies to look for
+
+                def copies(other: sa.Connection) -> list[Any]:
+                    duplicates = [] if unique else [row[0] for row in run(other, "duplicates", query.duplicated_ids())]
+                    return run(other, "evidence", query.evidence(duplicates, limit))
+
+                def run(on: sa.Connection, name: str, statement: sa.Select) -> list[Any]:
+                    with _settings(on, STATEMENTS[name] if postgres else {}):
+                        return execute(on, name, statement)
+
+                if postgres:
+                    snapshot = conn.execute(sa.select(sa.func.pg_export_snapshot())).scalar_one()
+                    with ThreadPoolExecutor(max_workers=1) as pool:
+                        corrections = pool.submit(self._on_snapshot, snapshot, copies)
+                        sums = run(conn, "sums", query.sums())
+                        rows = corrections.result()
+                else:
+                    sums = run(conn, "sums", query.sums())
+                    rows = copies(conn)
                 if any(row[-1] for row in rows):
                     raise self._bad_row(conn, query)
-                return rows
+                return sums, rows
         except DataError as exc:  # a value the column's cast refuses: the data is at fault
             raise InputError(f"{self.label}: {_first_line(exc)}") from None
         except SQLAlchemyError as exc:
             raise ConnectorError(f"{self.label}: {_first_line(exc)}") from None
+
+    def _on_snapshot(self, snapshot: str, work: Callable[[sa.Connection], list[Any]]) -> list[Any]:
+        """`work` on a second connection that sees what the first sees (PostgreSQL)."""
+        with self.engine.connect() as conn:
+            _begin(conn, True, snapshot)
+            return work(conn)
 
     def _bad_row(self, conn: sa.Connection, query: Aggregation) -> InputError:
         row = conn.execute(query.first_bad()).one()
@@ -196,7 +233,17 @@ class RawEventsSQL:
 
 
 class Aggregation:
-    """The aggregation statement for one run, as SQLAlchemy Core expressions."""
+    """The aggregation's statements for one run, as SQLAlchemy Core expressions.
+
+    1. `sums`: every row in the run's range summed per key, copies of an event included: one
+       hash aggregation, the shape of a bare GROUP BY, in the keys' order;
+    2. `duplicated_ids`: the ids seen more than once (on PostgreSQL, the hashes of such ids,
+       found by sorting 8-byte hashes instead of hashing every id's text);
+    3. `evidence`: the copies of those ids, the late events and the bad rows, few rows: the
+       copies beyond the first received, taken off their keys' sums, and the ids shown as
+       evidence.
+    `_merge` adds 3 to 1 per key.
+    """
 
     def __init__(
         self,
@@ -205,11 +252,15 @@ class Aggregation:
         types: dict[str, Any],
         timeline: Timeline,
         customers: frozenset[str],
+        zone: str = "UTC",
+        postgres: bool = False,
     ) -> None:
         self.timeline = timeline
         self.customers = customers
         self.columns = _parsed(table, names, types)
         self.table = table
+        self.zone = zone
+        self.postgres = postgres
 
     def candidates(self) -> sa.Subquery:
         """The rows that can matter to the run, parsed, each with the name of its first bad field."""
@@ -236,108 +287,6 @@ class Aggregation:
         fields = [c[k].label(k) for k in ("event_id", "customer_id", "meter", "ts", "rcv", "qty")]
         return sa.select(*fields, bad.label("bad")).select_from(self.table).where(*where).subquery("src")
 
-    def duplicated_ids(self) -> sa.Select:
-        """The event ids seen more than once in the run's range."""
-        src = self.candidates()
-        return (
-            sa.select(src.c.event_id)
-            .where(src.c.event_id.is_not(None))
-            .group_by(src.c.event_id)
-            .having(sa.func.count() > 1)
-        )
-
-    def statements(self, duplicates: list[str], limit: int, zone: str) -> list[sa.Select]:
-        """The aggregation, in statements that each plan well, given the duplicated ids.
-
-        1. every event seen once, summed per key: a plain hash aggregation (the bare GROUP BY's
-           shape, parallel where the database can);
-        2. the late ones among them, ranked by id within their key: at most `limit` ids each;
-        3. the copies of the duplicated events: the first received kept, the rest counted.
-        Nothing sorts the whole table; `_merge` adds the three up per key.
-        """
-        src = self.placed()
-        dup = sa.bindparam("duplicates", duplicates, type_=postgresql.ARRAY(TEXT))
-        is_dup = src.c.event_id == sa.any_(dup)
-        once = sa.or_(src.c.event_id.is_(None), sa.not_(is_dup)) if duplicates else sa.true()
-        late = src.c.window_no > src.c.period_no
-        receiving = sa.case((late, src.c.window_no), else_=sa.null())
-        origin = sa.case((src.c.segment_no == -1, _month_label(src.c.ts, zone)), else_=sa.null())
-        key = (src.c.customer_id, src.c.meter, src.c.segment_no, receiving, origin)
-        labels = ("customer_id", "meter", "segment_no", "receiving", "origin")
-        keyed = [k.label(n) for k, n in zip(key, labels, strict=True)]
-        sums = (
-            sa.select(
-                *keyed,
-                sa.func.sum(src.c.qty).label("quantity"),
-                sa.func.count().label("events"),
-                sa.null().label("late_ids"),
-                sa.null().label("dup_ids"),
-                sa.literal(0).label("dropped_copies"),
-                sa.literal(0).label("conflicts"),
-                sa.func.max(sa.case((src.c.bad.is_not(None), 1), else_=0)).label("has_bad"),
-            )
-            .where(once)
-            .group_by(*key)
-        )
-        statements = [sums]
-        if limit > 0:
-            rank = sa.func.row_number().over(partition_by=key[:4], order_by=_bytewise(src.c.event_id))
-            late_rows = sa.select(*keyed, src.c.event_id, rank.label("rank")).where(once, late).subquery("late")
-            lr = late_rows.c
-            statements.append(
-                sa.select(
-                    *(lr[n] for n in labels),
-                    sa.null().label("quantity"),
-                    sa.literal(0).label("events"),
-                    _ids(lr.event_id, lr["rank"] <= sa.bindparam("limit", limit)).label("late_ids"),
-                    sa.null().label("dup_ids"),
-                    sa.literal(0).label("dropped_copies"),
-                    sa.literal(0).label("conflicts"),
-                    sa.literal(0).label("has_bad"),
-                ).group_by(*(lr[n] for n in labels))
-            )
-        if duplicates:
-            statements.append(self._copies(src, is_dup, key, labels, limit))
-        return statements
-
-    def _copies(self, src: sa.Subquery, is_dup: Any, key: tuple[Any, ...], labels: tuple[str, ...], limit: int):
-        same_id = {"partition_by": src.c.event_id}
-        first_copy = sa.func.row_number().over(
-            **same_id,
-            order_by=(
-                sa.func.coalesce(src.c.rcv, src.c.ts),
-                src.c.qty,
-                _bytewise(src.c.customer_id),
-                _bytewise(src.c.meter),
-                src.c.ts,
-            ),
-        )
-        copies = sa.select(
-            *(k.label(n) for k, n in zip(key, labels, strict=True)),
-            src.c.event_id,
-            src.c.qty,
-            src.c.bad,
-            first_copy.label("copy"),
-            sa.func.count().over(**same_id).label("copies"),
-            (sa.func.min(src.c.qty).over(**same_id) != sa.func.max(src.c.qty).over(**same_id)).label("conflict"),
-        ).where(is_dup)
-        copies = copies.subquery("copies")
-        c = copies.c
-        rank = sa.func.row_number().over(partition_by=[c[n] for n in labels[:4]], order_by=_bytewise(c.event_id))
-        kept = sa.select(*c, rank.label("rank")).where(sa.or_(c.copy == 1, c.bad.is_not(None))).subquery("kept")
-        k = kept.c
-        shown = k["rank"] <= sa.bindparam("limit", limit)
-        return sa.select(
-            *(k[n] for n in labels),
-            sa.func.sum(k.qty).label("quantity"),
-            sa.func.count().label("events"),
-            _ids(k.event_id, sa.and_(k.receiving.is_not(None), shown)).label("late_ids"),
-            _ids(k.event_id, shown).label("dup_ids"),
-            sa.func.sum(k.copies - 1).label("dropped_copies"),
-            sa.func.sum(sa.case((k.conflict, 1), else_=0)).label("conflicts"),
-            sa.func.max(sa.case((k.bad.is_not(None), 1), else_=0)).label("has_bad"),
-        ).group_by(*(k[n] for n in labels))
-
     def placed(self) -> sa.Subquery:
         """The candidate rows with their period, segment and billing window numbers."""
         tl = self.timeline
@@ -348,6 +297,100 @@ class Aggregation:
         return sa.select(
             *src.c, period.label("period_no"), segment.label("segment_no"), window.label("window_no")
         ).subquery("placed")
+
+    def keyed(self) -> sa.Subquery:
+        """The placed rows with their key: customer × meter × segment × receiving period, and
+        the month of origin of a row before the timeline (a catch-up event's own period)."""
+        src = self.placed()
+        late = src.c.window_no > src.c.period_no
+        receiving = sa.case((late, src.c.window_no), else_=sa.null())
+        origin = sa.case((src.c.segment_no == -1, _month_label(src.c.ts, self.zone)), else_=sa.null())
+        return sa.select(
+            src.c.customer_id,
+            src.c.meter,
+            src.c.segment_no,
+            receiving.label("receiving"),
+            origin.label("origin"),
+            src.c.event_id,
+            src.c.ts,
+            src.c.rcv,
+            src.c.qty,
+            src.c.bad,
+        ).subquery("keyed")
+
+    def sums(self) -> sa.Select:
+        """Every row summed per key (copies of an event too: `evidence` takes them off), in the
+        keys' order (`_merge` then meets a key's rows together, `_digest` a sorted list)."""
+        k = self.keyed().c
+        key = [k[n] for n in KEY]
+        grouped = (
+            sa.select(*key, sa.func.sum(k.qty).label("quantity"), sa.func.count().label("events"))
+            .group_by(*key)
+            .subquery("sums")
+        )
+        g = grouped.c
+        order = (_bytewise(g.customer_id), _bytewise(g.meter), g.segment_no, g.receiving.nulls_first(), g.origin)
+        return sa.select(*g).order_by(*order)
+
+    def id_key(self, event_id: Any) -> Any:
+        """What finds an event's copies: its id, or on PostgreSQL the id's 64-bit hash (copies
+        share it; the rare other id that shares it is told apart by `evidence`)."""
+        return sa.func.hashtextextended(event_id, 0, type_=sa.BigInteger()) if self.postgres else event_id
+
+    def duplicated_ids(self) -> sa.Select:
+        """The `id_key`s seen more than once in the run's range."""
+        src = self.candidates()
+        key = self.id_key(src.c.event_id).label("id_key")
+        return sa.select(key).where(src.c.event_id.is_not(None)).group_by(key).having(sa.func.count() > 1)
+
+    def evidence(self, duplicates: list[Any], limit: int) -> sa.Select:
+        """Per key, the copies of the duplicated events, the late events and the bad rows (the
+        last column says whether the key has one): the copies beyond the first received (then
+        the smallest quantity) as negative quantities and counts, and at most `limit` late and
+        duplicated ids."""
+        k = self.keyed().c
+        picked = [k.bad.is_not(None)]
+        if duplicates:
+            kind = postgresql.ARRAY(sa.BigInteger() if self.postgres else TEXT)
+            picked.append(self.id_key(k.event_id) == sa.any_(sa.bindparam("duplicates", duplicates, type_=kind)))
+        if limit > 0:
+            picked.append(k.receiving.is_not(None))
+        same_id = {"partition_by": k.event_id}
+        first = (sa.func.coalesce(k.rcv, k.ts), k.qty, _bytewise(k.customer_id), _bytewise(k.meter), k.ts)
+        rows = (
+            sa.select(
+                *(k[n] for n in KEY),
+                k.event_id,
+                k.qty,
+                k.bad,
+                sa.or_(sa.func.row_number().over(**same_id, order_by=first) == 1, k.bad.is_not(None)).label("kept"),
+                sa.func.count().over(**same_id).label("copies"),
+                (sa.func.min(k.qty).over(**same_id) != sa.func.max(k.qty).over(**same_id)).label("conflict"),
+            )
+            .where(sa.or_(*picked))
+            .subquery("picked")
+        )
+        r = rows.c
+        key = [r[n] for n in KEY[:4]]
+        by_id = {"order_by": _bytewise(r.event_id)}
+        ranked = sa.select(
+            *r,
+            sa.func.row_number().over(partition_by=[*key, r.kept], **by_id).label("late_rank"),
+            sa.func.row_number().over(partition_by=[*key, r.kept, r.copies > 1], **by_id).label("dup_rank"),
+        ).subquery("ranked")
+        c = ranked.c
+        dropped = sa.not_(c.kept)
+        shown = sa.bindparam("limit", limit)
+        return sa.select(
+            *(c[n] for n in KEY),
+            (-sa.func.sum(sa.case((dropped, c.qty), else_=0))).label("quantity"),
+            (-sa.func.sum(sa.case((dropped, 1), else_=0))).label("events"),
+            _ids(c.event_id, sa.and_(c.kept, c.receiving.is_not(None), c.late_rank <= shown)).label("late_ids"),
+            _ids(c.event_id, sa.and_(c.kept, c.copies > 1, c.dup_rank <= shown)).label("dup_ids"),
+            sa.func.sum(sa.case((c.kept, c.copies - 1), else_=0)).label("dropped_copies"),
+            sa.func.sum(sa.case((sa.and_(c.kept, c.conflict), 1), else_=0)).label("conflicts"),
+            sa.func.max(sa.case((c.bad.is_not(None), 1), else_=0)).label("has_bad"),
+        ).group_by(*(c[n] for n in KEY))
 
     def first_bad(self) -> sa.Select:
         """The first bad row, by event_id (a table has no line numbers)."""
@@ -425,54 +468,104 @@ def _ids(column: Any, shown: Any) -> Any:
     return sa.func.array_agg(column, type_=postgresql.ARRAY(TEXT)).filter(shown)
 
 
-class _Key:
-    """What the statements' rows say about one customer × meter × segment × receiving period."""
-
-    __slots__ = ("quantity", "events", "late", "dups", "dropped", "conflicts", "origins")
-
-    def __init__(self) -> None:
-        self.quantity, self.events, self.dropped, self.conflicts = Decimal(0), 0, 0, 0
-        self.late: list[str] = []
-        self.dups: list[str] = []
-        self.origins: set[str] = set()
+def _fetch(conn: sa.Connection, name: str, statement: sa.Select) -> list[Any]:
+    return conn.execute(statement).fetchall()
 
 
-def _merge(rows: Iterable[Any], limit: int) -> list[RawAggregate]:
-    """One aggregate per customer × meter × segment × receiving period, from the statements'
-    rows (rows before the timeline arrive split by origin month); the smallest `limit` ids."""
-    merged: dict[tuple[Any, ...], _Key] = {}
-    limit = max(limit, 0)
-    for customer, meter, segment, receiving, origin, quantity, events, late, dups, dropped, conflicts, _ in rows:
-        into = merged.get((customer, meter, segment, receiving))
-        if into is None:
-            into = merged[(customer, meter, segment, receiving)] = _Key()
-        if quantity is not None:
-            into.quantity += quantity
-        into.events += events
-        if late:
-            into.late = sorted([*into.late, *late])[:limit]
-        if dups:
-            into.dups = sorted([*into.dups, *dups])[:limit]
-        into.dropped += dropped
-        into.conflicts += conflicts
-        if origin is not None:
-            into.origins.add(origin)
-    return [
-        RawAggregate(
-            customer_id=customer,
-            meter=meter,
-            segment=None if segment is None or segment < 0 else segment,
-            receiving=receiving,
-            quantity=Decimal(v.quantity).normalize(),
-            events=v.events,
-            late_event_ids=tuple(v.late),
-            duplicate_event_ids=tuple(v.dups),
-            dropped_copies=int(v.dropped),
-            conflicting_copies=int(v.conflicts),
-            origin_periods=tuple(sorted(v.origins)),
-        )
-        for (customer, meter, segment, receiving), v in merged.items()
-    ]
+def _begin(conn: sa.Connection, postgres: bool, snapshot: str | None = None) -> None:
+    """A read-only REPEATABLE READ transaction in UTC (PostgreSQL), on `snapshot` if given."""
+    if not postgres:
+        return
+    conn.execute(sa.text("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ, READ ONLY"))
+    if snapshot is not None:
+        if not SNAPSHOT_ID.fullmatch(snapshot):
+            raise ConnectorError(f"unexpected snapshot id {snapshot!r}")
+        conn.exec_driver_sql(f"SET TRANSACTION SNAPSHOT '{snapshot}'")  # takes no parameter
+    conn.execute(sa.text("SET LOCAL TIME ZONE 'UTC'"))
+
+
+@contextmanager
+def _settings(conn: sa.Connection, settings: dict[str, str]) -> Iterator[None]:
+    """The planner settings for one statement, set for the transaction, then put back."""
+    if not settings:
+        yield
+        return
+    names = list(settings)
+    before = conn.execute(sa.select(*(sa.func.current_setting(n) for n in names))).one()
+    conn.execute(sa.select(*(sa.func.set_config(n, settings[n], True) for n in names)))
+    yield
+    conn.execute(sa.select(*(sa.func.set_config(n, v, True) for n, v in zip(names, before, strict=True))))
+
+
+def _merge(sums: list[Any], evidence: list[Any], limit: int) -> list[RawAggregate]:
+    """One aggregate per customer × meter × segment × receiving period, in the sums' order:
+    the key's sums (rows before the timeline arrive split by origin month) less its dropped
+    copies, with the smallest `limit` late and duplicated ids."""
+    corrections: dict[tuple[Any, ...], list[Any]] = {}
+    for row in evidence:
+        corrections.setdefault(tuple(row[:4]), []).append(row)
+    aggregates: list[RawAggregate | None] = []
+    merged: dict[tuple[Any, ...], tuple[int, list[Any]]] = {}
+    for row in sums:
+        customer, meter, segment, receiving, origin, quantity, events = row
+        if origin is None and not (corrections and (customer, meter, segment, receiving) in corrections):
+            # nearly every key: one row of sums, nothing to take off or show
+            aggregates.append(
+                RawAggregate(
+                    customer_id=customer,
+                    meter=meter,
+                    segment=None if segment < 0 else segment,
+                    receiving=receiving,
+                    quantity=Decimal(quantity).normalize(),
+                    events=events,
+                )
+            )
+            continue
+        key = (customer, meter, segment, receiving)
+        if key not in merged:
+            merged[key] = (len(aggregates), [])
+            aggregates.append(None)
+        merged[key][1].append(row)
+    for key, (index, rows) in merged.items():
+        aggregates[index] = _corrected(key, rows, corrections.get(key, []), limit)
+    return [a for a in aggregates if a is not None] if merged else aggregates  # type: ignore[misc]
+
+
+def _corrected(key: tuple[Any, ...], sums: list[Any], evidence: list[Any], limit: int) -> RawAggregate | None:
+    """A key's sums less its dropped copies, with its evidence; None when every row of it was
+    a dropped copy."""
+    customer, meter, segment, receiving = key
+    quantity, events, dropped, conflicts = Decimal(0), 0, 0, 0
+    late: list[str] = []
+    dups: list[str] = []
+    counts: dict[str | None, int] = {}
+    for *_, origin, q, n in sums:
+        quantity += q
+        events += n
+        counts[origin] = counts.get(origin, 0) + n
+    for *_, origin, q, n, late_ids, dup_ids, dropped_copies, conflicting, _bad in evidence:
+        quantity += q
+        events += n
+        counts[origin] = counts.get(origin, 0) + n
+        late += late_ids or ()
+        dups += dup_ids or ()
+        dropped += dropped_copies
+        conflicts += conflicting
+    if not events:
+        return None
+    return RawAggregate(
+        customer_id=customer,
+        meter=meter,
+        segment=None if segment < 0 else segment,
+        receiving=receiving,
+        quantity=quantity.normalize(),
+        events=events,
+        late_event_ids=tuple(sorted(late)[: max(limit, 0)]),
+        duplicate_event_ids=tuple(sorted(dups)[: max(limit, 0)]),
+        dropped_copies=int(dropped),
+        conflicting_copies=int(conflicts),
+        origin_periods=tuple(sorted(o for o, n in counts.items() if o is not None and n)),
+    )
 
 
 def _digest(aggregates: list[RawAggregate]) -> str:

@@ -19,6 +19,7 @@ from zoneinfo import ZoneInfo
 
 import psycopg
 import pytest
+import sqlalchemy as sa
 from click.testing import CliRunner
 from psycopg import sql
 
@@ -26,7 +27,7 @@ from bot.cli import main
 from connectors.base import InputError
 from connectors.files import RawEventsFile
 from connectors.raw import is_database, raw_source, resolve
-from connectors.sql import RawEventsSQL, redact
+from connectors.sql import Aggregation, RawEventsSQL, _begin, redact
 from rules.config import ConfigError, RawTable, parse_config
 from rules.periods import month
 from rules.timeline import build_timeline
@@ -124,6 +125,61 @@ def test_sql_aggregates_equal_the_files_aggregates(schema, tmp_path):
     assert source.fingerprint().startswith("sql:")
 
 
+COPY_ROWS = [
+    # the kept copy is cus_a's; the dropped one is cus_d's only row: cus_d has no aggregate
+    event("moved", 4, received_at="2026-10-10T12:05:00Z"),
+    event("moved", 4, customer="cus_d", received_at="2026-10-10T12:07:00Z"),
+    # received on time first, then again after the window closed: not a late event
+    event("relayed", 2, timestamp="2026-10-20T00:00:00Z", received_at="2026-10-20T00:01:00Z"),
+    event("relayed", 2, timestamp="2026-10-20T00:00:00Z", received_at="2026-11-20T00:00:00Z"),
+    # late events of one key, one of them twice: each list shows its own ids up to the limit
+    event("late_a", 1, timestamp="2026-10-30T00:00:00Z", received_at="2026-11-20T00:00:00Z"),
+    event("late_b", 1, timestamp="2026-10-30T00:00:00Z", received_at="2026-11-20T00:00:00Z"),
+    event("late_b", 1, timestamp="2026-10-30T00:00:00Z", received_at="2026-11-21T00:00:00Z"),
+    # a catch-up event sent twice with different timestamps: only the kept copy's month is its origin
+    event("caught", 10, timestamp="2026-09-29T00:00:00Z", received_at="2026-10-05T00:00:00Z"),
+    event("caught", 10, timestamp="2026-07-31T23:00:00Z", received_at="2026-10-06T00:00:00Z"),
+    # three copies, two quantities: two dropped, one conflict
+    event("thrice", 5, received_at="2026-10-12T00:00:00Z"),
+    event("thrice", 6, received_at="2026-10-12T00:01:00Z"),
+    event("thrice", 5, received_at="2026-10-12T00:02:00Z"),
+]
+
+
+def test_copies_are_taken_off_the_keys_they_fell_in(schema, tmp_path, monkeypatch):
+    """Copies counted once wherever they landed, with the files' result; again when every id
+    shares its hash with others (the copies are found by exact id among them)."""
+    rows = [*ODD_ROWS, *COPY_ROWS]
+    source = RawEventsSQL(POSTGRES_URL, RawTable(name=load(schema, "copy_events", rows)))
+    path = write_csv(tmp_path / "raw.csv", RAW, rows)
+    grids = (timeline((2026, 10)), timeline((2026, 10), (2026, 11)))
+    expected = [by_key(RawEventsFile(path).aggregate(grid, limit)) for grid in grids for limit in (0, 1, 100)]
+    assert [by_key(source.aggregate(grid, limit)) for grid in grids for limit in (0, 1, 100)] == expected
+    assert not [a for a in expected[2] if a.customer_id == "cus_d"]
+    monkeypatch.setattr(Aggregation, "id_key", lambda self, event_id: sa.func.length(event_id))
+    assert [by_key(source.aggregate(grid, limit)) for grid in grids for limit in (0, 1, 100)] == expected
+
+
+def test_the_copies_are_looked_for_in_the_snapshot_the_sums_read(schema):
+    """The second connection imports the first one's snapshot: a row added in between is seen
+    by neither."""
+    name = load(schema, "snap_events", [event("e1", 1)])
+    source = RawEventsSQL(POSTGRES_URL, RawTable(name=name))
+    count = sa.select(sa.func.count()).select_from(sa.table("snap_events", schema=schema))
+    with source.engine.connect() as conn:
+        _begin(conn, postgres=True)
+        snapshot = conn.execute(sa.select(sa.func.pg_export_snapshot())).scalar_one()
+        with psycopg.connect(POSTGRES_URL, autocommit=True) as other:
+            other.execute(
+                sql.SQL("INSERT INTO {} VALUES ('e2', 'cus_a', 'api_calls', now(), 1, NULL)").format(
+                    sql.Identifier(schema, "snap_events")
+                )
+            )
+        assert source._on_snapshot(snapshot, lambda second: second.execute(count).scalar_one()) == 1
+    with source.engine.connect() as conn:
+        assert conn.execute(count).scalar_one() == 2
+
+
 def test_a_table_keyed_by_event_id_gives_the_same_aggregates(schema, tmp_path):
     """With a primary key on event_id no copies can exist, and none are looked for."""
     rows = [r for r in ODD_ROWS if r[0] not in ("dup", "clash")]
@@ -201,6 +257,8 @@ def test_a_bad_row_is_one_line_naming_table_event_and_column(schema):
     message = str(caught.value)
     assert message.endswith(f"table {name}: a row of customer_id 'cus_z': event_id: is empty")
     assert "s3cret" not in message and "***" in message
+    with pytest.raises(InputError, match="event_id: is empty"):  # with no evidence ids to show either
+        RawEventsSQL(POSTGRES_URL, RawTable(name=name)).aggregate(timeline((2026, 10)), 0)
     with pytest.raises(InputError, match=r"missing column 'qty' \(sources.raw_table.quantity\)"):
         columns = dict(RawTable().columns) | {"quantity": "qty"}
         RawEventsSQL(POSTGRES_URL, RawTable(name=name, columns=tuple(columns.items()))).aggregate(
@@ -285,5 +343,5 @@ def test_cli_with_a_database_book(schema, tmp_path):
 def test_the_query_plans_show_the_aggregation_in_the_database(schema):
     source = RawEventsSQL(POSTGRES_URL, RawTable(name=load(schema, "plan_events", ODD_ROWS)))
     plans = source.plans(timeline((2026, 10)), 10)
-    assert len(plans) == 4  # duplicate ids, per-key sums, late ids, copies
+    assert len(plans) == 3  # per-key sums, duplicate ids, copies and late ids
     assert all("Scan on plan_events" in plan and "Aggregate" in plan for plan in plans)
