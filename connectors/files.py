@@ -487,7 +487,8 @@ def _row_checks(columns: dict[str, str]) -> list[tuple[str, str]]:
         ("meter", "meter IS NULL"),
         ("timestamp", "ts IS NULL"),
         ("quantity", "qty IS NULL"),
-        ("received_at", "rcv IS NULL AND NULLIF(trim(received_at_text), '') IS NOT NULL"),
+        # A CASE: trim() only where the instant is missing (an AND would trim every row)
+        ("received_at", "CASE WHEN rcv IS NULL THEN NULLIF(trim(received_at_text), '') IS NOT NULL ELSE false END"),
     ]
 
 
@@ -501,9 +502,7 @@ _SUMS = """sum(qty) AS quantity,
 def aggregate_sql(relation: str, types: dict[str, str], timeline: Timeline, evidence_limit: int, zone: str) -> str:
     """One query: validate, deduplicate by event_id, bucket on the timeline, sum."""
     columns = _event_columns(types)
-    # A CASE, not an OR: an OR computes every test on every row, a CASE each test only on the
-    # rows the ones before it passed.
-    bad = "CASE " + " ".join(f"WHEN {test} THEN true" for _, test in _row_checks(columns)) + " ELSE false END"
+    bad = " OR ".join(test for _, test in _row_checks(columns))
     start, end = _ts(timeline.start), _ts(timeline.end)
     first_window, last_window = _ts(timeline.start + timeline.grace), _ts(timeline.end + timeline.grace)
     period = _bucket("ts", [p.end for p in timeline.periods], timeline.start)
