@@ -680,9 +680,11 @@ def _decimal_sql(column: str, kind: str) -> str:
 def _trim_if_needed(text: str, kind: str, fallback: str = "NULL") -> str:
     """TRY_CAST(trim(text) AS kind), else `fallback`. The cast skips ASCII white space itself, and
     whatever it reads untrimmed it reads the same trimmed, so trim() (slow: it strips Unicode spaces
-    too) runs only where the plain cast fails. coalesce() evaluates an argument only on the rows
-    the arguments before it left NULL."""
-    return f"coalesce(TRY_CAST({text} AS {kind}), TRY_CAST(trim({text}) AS {kind}), {fallback})"
+    too) runs only where the plain cast fails. A CASE, not a coalesce(): the optimizer would hoist
+    the trim() the fallbacks share out of a coalesce() and run it on every row; it leaves a CASE's
+    branches alone (and computes the plain cast once)."""
+    plain = f"TRY_CAST({text} AS {kind})"
+    return f"CASE WHEN {plain} IS NULL THEN coalesce(TRY_CAST(trim({text}) AS {kind}), {fallback}) ELSE {plain} END"
 
 
 class _Watch:
