@@ -183,7 +183,7 @@ class FileBilling:
             return
         table = self.metered_file
         table.require(METERED_COLUMNS)
-        parsed = _parse_all(table, METERED_READERS, MeteredRecord)
+        parsed = _parse_all(table, _METERED_READERS, MeteredRecord)
         if parsed is not None:
             yield from parsed
             return
@@ -203,7 +203,7 @@ class FileBilling:
             return
         table = self.invoiced_file
         table.require(INVOICED_COLUMNS)
-        parsed = _parse_all(table, INVOICED_READERS, InvoiceLine)
+        parsed = _parse_all(table, _INVOICED_READERS, InvoiceLine)
         if parsed is not None:
             yield from parsed
             return
@@ -240,10 +240,10 @@ class _Unsure(Exception):
     """A value the quick reading does not accept; the field-by-field reading decides."""
 
 
-Reader = Callable[["pa.ChunkedArray"], list[Any]]
+_Reader = Callable[["pa.ChunkedArray"], list[Any]]
 
 
-def _parse_all(table: TableFile, fields: dict[str, Reader], make: Callable[..., Any]) -> list[Any] | None:
+def _parse_all(table: TableFile, fields: dict[str, _Reader], make: Callable[..., Any]) -> list[Any] | None:
     """Every row as a record `make(*values)`, read column by column (`fields`: each column and
     its reader, in `make`'s order) with the same parsing as the field-by-field reading below;
     None at the first doubtful value, so that the slow reading names its file, line and field."""
@@ -260,7 +260,7 @@ def _parse_all(table: TableFile, fields: dict[str, Reader], make: Callable[..., 
     return list(map(make, *values))
 
 
-def _each_distinct(read: Callable[[str | None], Any]) -> Reader:
+def _each_distinct(read: Callable[[str | None], Any]) -> _Reader:
     """A column reader that reads each distinct value once: customers, meters, instants and
     amounts repeat from record to record, and the records share one object for each."""
 
@@ -329,14 +329,14 @@ def _kind(value: str | None) -> str:
 
 
 _names, _instants, _numbers = _each_distinct(_name), _each_distinct(_instant), _each_distinct(_number)
-METERED_READERS: dict[str, Reader] = {
+_METERED_READERS: dict[str, _Reader] = {
     "customer_id": _names,
     "meter": _each_distinct(_required_name),
     "period_start": _instants,
     "period_end": _instants,
     "quantity": _numbers,
 }
-INVOICED_READERS: dict[str, Reader] = {
+_INVOICED_READERS: dict[str, _Reader] = {
     "invoice_id": _ids,
     "line_id": _ids,
     "customer_id": _names,
@@ -546,8 +546,8 @@ def aggregate_sql(relation: str, types: dict[str, str], timeline: Timeline, evid
         FROM placed
     ),
     groups AS MATERIALIZED (
-        -- One pass over the rows: those with a unique id are summed by key; the copies are
-        -- grouped by their exact id, and listed.
+        -- One pass over the rows: those with a unique id are summed by key; the others are
+        -- grouped by their exact (trimmed) id, each group listing its copies.
         SELECT
             {", ".join(f"CASE WHEN NOT is_copy THEN {k} END AS {k}" for k in key)},
             CASE WHEN is_copy THEN event_id END AS copy_of,
@@ -558,6 +558,7 @@ def aggregate_sql(relation: str, types: dict[str, str], timeline: Timeline, evid
         GROUP BY ALL
     ),
     ranked AS (
+        -- The copies of each id, first received first.
         SELECT *,
             row_number() OVER (same_id ORDER BY coalesce(rcv, ts), qty, customer_id, meter, ts) AS copy,
             count(*) OVER same_id AS copies,
@@ -575,6 +576,7 @@ def aggregate_sql(relation: str, types: dict[str, str], timeline: Timeline, evid
         GROUP BY ALL
     ),
     sums AS (
+        -- Each key's sums of unique rows and of first copies, added up.
         SELECT
             {", ".join(f"coalesce(u.{k}, c.{k}) AS {k}" for k in key)},
             CASE WHEN c.quantity IS NULL THEN u.quantity WHEN u.quantity IS NULL THEN c.quantity
@@ -678,9 +680,11 @@ def _decimal_sql(column: str, kind: str) -> str:
 def _trim_if_needed(text: str, kind: str, fallback: str = "NULL") -> str:
     """TRY_CAST(trim(text) AS kind), else `fallback`. The cast skips ASCII white space itself, and
     whatever it reads untrimmed it reads the same trimmed, so trim() (slow: it strips Unicode spaces
-    too) runs only where the plain cast fails. coalesce() evaluates an argument only on the rows
-    the arguments before it left NULL."""
-    return f"coalesce(TRY_CAST({text} AS {kind}), TRY_CAST(trim({text}) AS {kind}), {fallback})"
+    too) runs only where the plain cast fails. A CASE, not a coalesce(): the optimizer would hoist
+    the trim() the fallbacks share out of a coalesce() and run it on every row; it leaves a CASE's
+    branches alone (and computes the plain cast once)."""
+    plain = f"TRY_CAST({text} AS {kind})"
+    return f"CASE WHEN {plain} IS NULL THEN coalesce(TRY_CAST(trim({text}) AS {kind}), {fallback}) ELSE {plain} END"
 
 
 class _Watch:
