@@ -547,10 +547,9 @@ def aggregate_sql(relation: str, types: dict[str, str], timeline: Timeline, evid
     ),
     groups AS MATERIALIZED (
         -- One pass over the rows: those with a unique id are summed by key; the others are
-        -- grouped by their exact (trimmed) id, each group listing its copies.
+        -- grouped by their exact (trimmed) id as well, each group listing its copies.
         SELECT
-            {", ".join(f"CASE WHEN NOT is_copy THEN {k} END AS {k}" for k in key)},
-            CASE WHEN is_copy THEN event_id END AS copy_of,
+            {", ".join(key)}, CASE WHEN is_copy THEN event_id END AS copy_of,
             {_SUMS},
             list(struct_pack(event_id, customer_id, meter, segment_no, receiving, origin, qty, ts, rcv))
                 FILTER (WHERE is_copy) AS copies
