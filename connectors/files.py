@@ -56,13 +56,16 @@ _NUMERIC = ("TINYINT", "SMALLINT", "INTEGER", "BIGINT", "HUGEINT", "UTINYINT", "
 def connect(memory_limit: str = "1GB") -> duckdb.DuckDBPyConnection:
     """A DuckDB connection in UTC, bounded in memory, spilling to the system's temp folder, and
     handing the memory of a finished query back to the system (it would keep it for the next
-    query, while the run goes on in Python)."""
+    query, while the run goes on in Python), and tracking each query's progress."""
     con = duckdb.connect()
     con.execute("SET TimeZone = 'UTC'")
     con.execute(f"SET memory_limit = '{memory_limit}'")
     con.execute(f"SET temp_directory = {_quote_literal(str(Path(tempfile.gettempdir()) / 'recon-duckdb'))}")
     con.execute("SET preserve_insertion_order = false")
     con.execute("SET allocator_background_threads = true")
+    # Progress is tracked (for the CLI's bar, `query_progress()`), never printed by DuckDB itself.
+    con.execute("SET enable_progress_bar = true")
+    con.execute("SET enable_progress_bar_print = false")
     return con
 
 
