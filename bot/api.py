@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
-from flask import Blueprint, abort, current_app, jsonify, request
+from flask import Blueprint, Response, abort, current_app, jsonify, request, stream_with_context
 from flask.typing import ResponseReturnValue
+
+from bot.render import json_pieces
 
 api = Blueprint("api", __name__)
 
@@ -30,7 +32,12 @@ def list_runs() -> ResponseReturnValue:
 
 @api.get("/api/runs/<run_id>")
 def get_run(run_id: str) -> ResponseReturnValue:
-    report = current_app.extensions["store"].get_run(run_id)
-    if report is None:
+    """The run's report, streamed as the store keeps its lines (a run of 500,000 keys is
+    never built in memory); `?lines=breaks` leaves the matches out."""
+    store = current_app.extensions["store"]
+    head = store.run_head(run_id)
+    if head is None:
         abort(404)
-    return jsonify(report)
+    breaks_only = request.args.get("lines") == "breaks"
+    lines = store.line_texts(run_id, breaks_only=breaks_only)
+    return Response(stream_with_context(json_pieces(head, lines)), mimetype="application/json")

@@ -5,7 +5,7 @@ from __future__ import annotations
 import csv
 import io
 import json
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from itertools import islice
 from typing import Any, TextIO
 
@@ -56,15 +56,19 @@ def write_json(head: dict[str, Any], lines: Iterable[str], out: TextIO) -> None:
     text (`rules.report.line_text`, as the store keeps it) on a text line of its own, so a
     report of 500,000 keys can be searched with grep and is written as it is read, never whole
     in memory."""
+    out.writelines(json_pieces(head, lines))
+
+
+def json_pieces(head: dict[str, Any], lines: Iterable[str]) -> Iterator[str]:
+    """The text of `write_json`, piece by piece (an HTTP response streams them)."""
     text = json_text({**head, "lines": []})
     assert text.endswith(_NO_LINES)
-    out.write(text[: -len("[]\n}")])
+    yield text[: -len("[]\n}")]
     opening = "[\n    "
     for line in lines:
-        out.write(opening)
-        out.write(line)
+        yield opening + line
         opening = ",\n    "
-    out.write("[]\n}\n" if opening.startswith("[") else "\n  ]\n}\n")
+    yield "[]\n}\n" if opening.startswith("[") else "\n  ]\n}\n"
 
 
 def as_csv(report: dict[str, Any]) -> str:

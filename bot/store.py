@@ -244,17 +244,22 @@ class Store:
 
     def get_run(self, run_id: str) -> dict[str, Any] | None:
         """The run's report in the contract's shape, or None."""
+        head = self.run_head(run_id)
+        if head is None:
+            return None
+        return {**head, "lines": [json.loads(text) for text in self.line_texts(run_id)]}
+
+    def run_head(self, run_id: str) -> dict[str, Any] | None:
+        """The run's report without its lines (`line_texts` gives them), or None."""
         rows = self.backend.query("SELECT * FROM runs WHERE run_id = ?", [run_id])
         if not rows:
             return None
         run = rows[0]
-        lines = [json.loads(text) for text in self.line_texts(run_id)]
         return {
             "run_id": run_id,
             "status": run["status"],
             "period": {"start": run["period_start"], "end": run["period_end"], "label": run["period_label"]},
             "summary": json.loads(run["summary"]) if run["summary"] else None,
-            "lines": lines,
         }
 
     def line_texts(self, run_id: str, page: int = 10_000, breaks_only: bool = False) -> Iterator[str]:

@@ -59,6 +59,24 @@ def test_a_runs_lines_read_back_page_by_page_in_order(tmp_path, store):
     assert list(store.line_texts("run_missing")) == []
 
 
+def test_api_streams_a_run_whole_or_its_breaks_only(tmp_path, database_url):
+    store = Store.open(database_url)
+    write_book(
+        tmp_path,
+        [event("e_a", 130_000, customer="cus_a"), event("e_b", 100_000, customer="cus_b")],
+        [metered(100_000, customer="cus_a"), metered(100_000, customer="cus_b")],
+        [line(100, "100.00", customer="cus_a"), line(100, "100.00", customer="cus_b")],
+    )
+    report = reconcile_book(tmp_path, "2026-10", store)
+    client = create_app(Settings(database_url=database_url)).test_client()
+    whole = client.get(f"/api/runs/{report['run_id']}")
+    assert whole.mimetype == "application/json"
+    assert whole.json["lines"] == report["lines"] and whole.json["summary"] == report["summary"]
+    breaks = client.get(f"/api/runs/{report['run_id']}?lines=breaks").json["lines"]
+    assert [(ln["customer_id"], ln["class"]) for ln in breaks] == [("cus_a", "under_bill")]
+    assert [ln["class"] for ln in report["lines"]] == ["under_bill", "match"]
+
+
 FAILING_TRIGGER = {
     "sqlite": ["CREATE TRIGGER no_lines BEFORE INSERT ON discrepancies BEGIN SELECT RAISE(ABORT, 'disk full'); END"],
     "postgresql": [
