@@ -202,11 +202,8 @@ def write_report(result: RunResult, fmt: str, out: Path | None, show_all: bool =
     (never whole in memory)."""
     if fmt == "table":
         report = {**result.head, "lines": result.lines(breaks_only=not show_all)}
-        if out:
-            with out.open("w", encoding="utf-8") as handle:
-                render.print_table(report, render.console(handle), show_all, limit)
-        else:
-            render.print_table(report, render.console(), show_all, limit)
+        with out.open("w", encoding="utf-8") if out else contextlib.nullcontext(None) as handle:
+            render.print_table(report, render.console(handle), show_all, limit)
         return
     with out.open("w", encoding="utf-8") if out else contextlib.nullcontext(sys.stdout) as handle:
         if fmt == "json":
