@@ -22,12 +22,14 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from bot.database import Backend, DatabaseError, open_backend
+from bot.pages import LINES_PER_PAGE, pack, packed, unpack
 from rules.report import line_text
 
 INBOX_STATES = ("pending", "processing", "done", "ignored", "dead")
 TABLES = (
     "runs",
     "run_lines",
+    "run_pages",
     "discrepancies",
     "watchlist",
     "watch_checks",
@@ -88,6 +90,8 @@ RUN_COLUMNS = (
 
 
 class Store:
+    lines_per_page = LINES_PER_PAGE  # a run's line texts are kept in compressed pages of this many (bot.pages)
+
     def __init__(self, backend: Backend, url: str = "sqlite:///:memory:") -> None:
         self.backend = backend
         self.url = url
@@ -183,6 +187,7 @@ class Store:
                 if not changed:
                     return False
                 self.backend.execute("DELETE FROM run_lines WHERE run_id = ?", [record.run_id])
+                self.backend.execute("DELETE FROM run_pages WHERE run_id = ?", [record.run_id])
             else:
                 self.backend.execute(
                     f"INSERT INTO runs ({RUN_COLUMNS}) VALUES (?, 'done', ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
@@ -192,24 +197,28 @@ class Store:
         return True
 
     def _insert_lines(self, run_id: str, lines: Iterable[dict[str, Any]]) -> None:
-        """The run's lines in one pass (they may be made one at a time), then its discrepancies
+        """The run's lines in one pass (they may be made one at a time): their texts in compressed
+        pages, each line's key and class in run_lines (the index), then the run's discrepancies
         and timing items, in the order of the lines."""
+        keys: list[tuple[Any, ...]] = []
         breaks: list[dict[str, Any]] = []
         timing: list[dict[str, Any]] = []
 
-        def rows() -> Iterator[tuple[Any, ...]]:
+        def texts() -> Iterator[str]:
             for position, line in enumerate(lines):
-                if line["class"] != "match":
+                klass = line["class"]
+                if klass != "match":
                     breaks.append(line)
-                if line["class"] == "timing" or line["evidence"]["clears"]:
+                if klass == "timing" or line["evidence"]["clears"]:
                     timing.append(line)
-                yield _line_row(run_id, position, line)
+                keys.append((run_id, position, line["customer_id"], line["meter"], line["period"], klass))
+                yield line_text(line)
 
         self.backend.executemany(
-            """INSERT INTO run_lines (run_id, position, customer_id, meter, period, class, line)
-               VALUES (?, ?, ?, ?, ?, ?, ?)""",
-            rows(),
+            "INSERT INTO run_pages (run_id, first_position, body) VALUES (?, ?, ?)",
+            ((run_id, first, body) for first, body in packed(texts(), self.lines_per_page)),
         )
+        self.backend.insert_many("run_lines", ("run_id", "position", "customer_id", "meter", "period", "class"), keys)
         self._record_discrepancies(run_id, breaks)
         self._watch(run_id, timing)
 
@@ -262,19 +271,45 @@ class Store:
             "summary": json.loads(run["summary"]) if run["summary"] else None,
         }
 
-    def line_texts(self, run_id: str, page: int = 10_000, breaks_only: bool = False) -> Iterator[str]:
-        """The run's lines as stored (compact JSON), in order, a page at a time: a run of
+    def line_texts(self, run_id: str, breaks_only: bool = False) -> Iterator[str]:
+        """The run's lines as stored (compact JSON), in order, a few pages at a time: a run of
         500,000 keys is never held whole. `breaks_only`: the lines that are not matches."""
-        which = " AND class <> 'match'" if breaks_only else ""
-        sql = f"SELECT position, line FROM run_lines WHERE run_id = ? AND position > ?{which} ORDER BY position LIMIT ?"
-        after = -1
+        if breaks_only:
+            positions = self.backend.tuples(
+                "SELECT position FROM run_lines WHERE run_id = ? AND class <> 'match' ORDER BY position", [run_id]
+            )
+            yield from self._texts_at(run_id, [p for (p,) in positions])
+            return
+        batch, after = 8, -1
         while True:
-            rows = self.backend.tuples(sql, [run_id, after, page])
-            for _, line in rows:
-                yield line
-            if len(rows) < page:
+            rows = self.backend.tuples(
+                """SELECT first_position, body FROM run_pages WHERE run_id = ? AND first_position > ?
+                   ORDER BY first_position LIMIT ?""",
+                [run_id, after, batch],
+            )
+            for _, body in rows:
+                yield from unpack(body)
+            if len(rows) < batch:
                 return
             after = rows[-1][0]
+
+    def _texts_at(self, run_id: str, positions: Iterable[int]) -> Iterator[str]:
+        """The texts of a run's lines at `positions` (ascending), each page read once."""
+        first, page = 0, []
+        for position in positions:
+            if not first <= position < first + len(page):
+                row = self.backend.one(
+                    """SELECT first_position, body FROM run_pages WHERE run_id = ? AND first_position <= ?
+                       ORDER BY first_position DESC LIMIT 1""",
+                    [run_id, position],
+                )
+                if row is None:
+                    raise StoreError(f"run {run_id}: no stored page holds line {position}")
+                first, page = row[0], unpack(row[1])
+            yield page[position - first]
+
+    def _line_at(self, run_id: str, position: int) -> dict[str, Any]:
+        return json.loads(next(self._texts_at(run_id, [position])))
 
     def list_runs(self, filters: dict[str, str], limit: int = 100) -> list[dict[str, Any]]:
         """Runs, newest first, filtered by invoice_id, customer_id, period and status."""
@@ -507,33 +542,41 @@ class Store:
     def opening_line(self, customer_id: str, meter: str, period: str) -> dict[str, Any] | None:
         """The timing line that opened a watch-list item, as its run reported it."""
         row = self.backend.one(
-            """SELECT l.line FROM watchlist w JOIN run_lines l
+            """SELECT l.run_id, l.position FROM watchlist w JOIN run_lines l
                    ON l.run_id = w.opened_by AND l.customer_id = w.customer_id AND l.meter = w.meter
                       AND l.period = w.period
                WHERE w.customer_id = ? AND w.meter = ? AND w.period = ?""",
             [customer_id, meter, period],
         )
-        return json.loads(row[0]) if row else None
+        return self._line_at(*row) if row else None
 
     def latest_line(self, customer_id: str, meter: str, period: str) -> tuple[str, dict[str, Any]] | None:
         """The newest finished run's line for a key, with that run's id."""
         row = self.backend.one(
-            """SELECT l.run_id, l.line FROM run_lines l JOIN runs r ON r.run_id = l.run_id
+            """SELECT l.run_id, l.position FROM run_lines l JOIN runs r ON r.run_id = l.run_id
                WHERE l.customer_id = ? AND l.meter = ? AND l.period = ? AND r.status = 'done'
                ORDER BY r.created_at DESC, r.run_id DESC LIMIT 1""",
             [customer_id, meter, period],
         )
-        return (row[0], json.loads(row[1])) if row else None
+        return (row[0], self._line_at(*row)) if row else None
 
     def period_lines(self, period: str) -> list[dict[str, Any]]:
         """The newest finished run's line for every key of a period (every customer and meter)."""
-        rows = self.backend.query(
-            """SELECT l.customer_id, l.meter, l.line FROM run_lines l JOIN runs r ON r.run_id = l.run_id
-               WHERE l.period = ? AND r.status = 'done' ORDER BY r.created_at, l.run_id""",
+        rows = self.backend.tuples(
+            """SELECT l.customer_id, l.meter, l.run_id, l.position FROM run_lines l JOIN runs r ON r.run_id = l.run_id
+               WHERE l.period = ? AND r.status = 'done' ORDER BY r.created_at, l.run_id, l.position""",
             [period],
         )
-        latest = {(row["customer_id"], row["meter"]): row["line"] for row in rows}
-        return [json.loads(latest[k]) for k in sorted(latest)]
+        latest = {(customer, meter): (run_id, position) for customer, meter, run_id, position in rows}
+        by_run: dict[str, list[int]] = {}
+        for run_id, position in latest.values():
+            by_run.setdefault(run_id, []).append(position)
+        texts = {
+            (run_id, position): text
+            for run_id, positions in by_run.items()
+            for position, text in zip(sorted(positions), self._texts_at(run_id, sorted(positions)), strict=True)
+        }
+        return [json.loads(texts[latest[key]]) for key in sorted(latest)]
 
     def run_provider(self, run_id: str) -> str | None:
         """The platform whose event made the run (`stripe`, `orb`), if an event made it."""
@@ -683,10 +726,6 @@ def _first_invoice(line: dict[str, Any]) -> str | None:
     return ids[0] if ids else None
 
 
-def _line_row(run_id: str, position: int, line: dict[str, Any]) -> tuple[Any, ...]:
-    return (run_id, position, line["customer_id"], line["meter"], line["period"], line["class"], line_text(line))
-
-
 def _schema_1(db: Backend) -> None:
     db.execute("CREATE TABLE schema_version (version INTEGER PRIMARY KEY, applied_at TEXT NOT NULL)")
     db.execute(
@@ -774,6 +813,32 @@ def _schema_4(db: Backend) -> None:
     )
 
 
+def _schema_5(db: Backend) -> None:
+    """A run's line texts move to compressed pages (bot.pages); run_lines keeps each line's key
+    and class, the index the queries by key use. The runs stored so far are moved over."""
+    body = "BYTEA" if db.dialect == "postgresql" else "BLOB"
+    db.execute(
+        f"""CREATE TABLE run_pages (
+            run_id TEXT NOT NULL REFERENCES runs (run_id), first_position INTEGER NOT NULL,
+            body {body} NOT NULL, PRIMARY KEY (run_id, first_position))"""
+    )
+    for (run_id,) in db.tuples("SELECT DISTINCT run_id FROM run_lines ORDER BY run_id"):
+        texts = [
+            text
+            for _, text in db.tuples(
+                "SELECT position, line FROM run_lines WHERE run_id = ? ORDER BY position", [run_id]
+            )
+        ]
+        db.executemany(
+            "INSERT INTO run_pages (run_id, first_position, body) VALUES (?, ?, ?)",
+            [
+                (run_id, first, pack(texts[first : first + LINES_PER_PAGE]))
+                for first in range(0, len(texts), LINES_PER_PAGE)
+            ],
+        )
+    db.execute("ALTER TABLE run_lines DROP COLUMN line")
+
+
 # The schema's history, oldest first: version N is MIGRATIONS[N - 1]. Append; never edit a step.
-MIGRATIONS: list[Callable[[Backend], None]] = [_schema_1, _schema_2, _schema_3, _schema_4]
+MIGRATIONS: list[Callable[[Backend], None]] = [_schema_1, _schema_2, _schema_3, _schema_4, _schema_5]
 SCHEMA_VERSION = len(MIGRATIONS)

@@ -96,9 +96,8 @@ def test_an_edited_draft_with_a_credit_is_a_credit(world, orb_api):
 
     assert worker(world).run_once()
 
-    [row] = world.store.backend.query("SELECT line FROM run_lines")
-    line = row["line"]
-    verdict = json.loads(line)
+    [row] = world.store.backend.query("SELECT run_id FROM run_lines")
+    [verdict] = world.store.get_run(row["run_id"])["lines"]
     assert (verdict["class"], verdict["delta_amount"]) == ("credit", "30.00")
     assert sorted(verdict["evidence"]["invoice_line_ids"]) == ["li_api", "li_api:credits_applied"]
 

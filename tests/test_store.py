@@ -8,7 +8,7 @@ import pytest
 
 from bot.app import create_app
 from bot.config import Settings
-from bot.store import SCHEMA_VERSION, Store, StoreError
+from bot.store import SCHEMA_VERSION, RunRecord, Store, StoreError
 from tests.book import event, line, metered, reconcile_book, write_book
 
 
@@ -44,18 +44,25 @@ def test_stored_report_reads_back_as_written(tmp_path, store):
     assert store.get_run("run_missing") is None
 
 
-def test_a_runs_lines_read_back_page_by_page_in_order(tmp_path, store):
+def test_a_runs_lines_are_kept_in_pages_and_read_back_in_order(tmp_path, store):
+    store.lines_per_page = 2
     customers = [f"cus_{n}" for n in range(5)]
     write_book(
         tmp_path,
         [event(f"e{n}", 1_000 * (n + 1), customer=c) for n, c in enumerate(customers)],
-        [metered(1_000 * (n + 1), customer=c) for n, c in enumerate(customers)],
-        [line(1, "0.00", customer=c) for c in customers],
+        [metered(1_000 * (n + 1) + (500 if n in (1, 4) else 0), customer=c) for n, c in enumerate(customers)],
+        [line(n + 1, "0.00", customer=c) for n, c in enumerate(customers)],
     )
     report = reconcile_book(tmp_path, "2026-10", store)
-    texts = list(store.line_texts(report["run_id"], page=2))  # pages of 2, 2 and 1
-    assert [json.loads(t) for t in texts] == report["lines"]
+    run_id = report["run_id"]
+    assert store.count("run_pages") == 3  # 2, 2 and 1 lines
+    assert [json.loads(t) for t in store.line_texts(run_id)] == report["lines"]
     assert [ln["customer_id"] for ln in report["lines"]] == customers
+    breaks = [json.loads(t) for t in store.line_texts(run_id, breaks_only=True)]  # pages 1 and 3
+    assert [ln["customer_id"] for ln in breaks] == ["cus_1", "cus_4"]
+    assert breaks == [ln for ln in report["lines"] if ln["class"] != "match"]
+    assert store.latest_line("cus_4", "api_calls", "2026-10") == (run_id, report["lines"][4])
+    assert [ln["customer_id"] for ln in store.period_lines("2026-10")] == customers
     assert list(store.line_texts("run_missing")) == []
 
 
@@ -117,6 +124,31 @@ def test_a_database_at_an_older_version_is_brought_forward(database_url, monkeyp
     assert store.watchlist(include_closed=True) == []  # version 4's cycles and escalated_by columns
 
 
+def test_runs_stored_before_pages_are_moved_into_pages(tmp_path, database_url, monkeypatch):
+    from bot import store as store_module
+    from rules.report import line_text
+
+    report = stored_book(tmp_path, Store.open("sqlite:///:memory:"))  # the report, to store the old way
+    with monkeypatch.context() as patch:
+        patch.setattr(store_module, "MIGRATIONS", store_module.MIGRATIONS[:4])
+        old = Store.open(database_url)
+        old.backend.execute(
+            f"INSERT INTO runs ({store_module.RUN_COLUMNS}) VALUES (?, 'done', ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            [report["run_id"], "2026-11-01T00:00:00Z", "s", "e", "2026-10", "h", "v", "{}", "[]", None, None, "{}"],
+        )
+        for position, ln in enumerate(report["lines"]):
+            old.backend.execute(
+                """INSERT INTO run_lines (run_id, position, customer_id, meter, period, class, line)
+                   VALUES (?, ?, ?, ?, ?, ?, ?)""",
+                [report["run_id"], position, ln["customer_id"], ln["meter"], ln["period"], ln["class"], line_text(ln)],
+            )
+    store = Store.open(database_url)
+    assert store.get_run(report["run_id"])["lines"] == report["lines"]
+    assert store.count("run_pages") == 1
+    with pytest.raises(store.backend.error):
+        store.backend.query("SELECT line FROM run_lines")  # the texts live in the pages only
+
+
 def test_processes_starting_together_migrate_once(database_url):
     """Each store migrates under a lock: the second finds the schema current."""
     import threading
@@ -161,3 +193,22 @@ def test_api_lists_and_serves_runs(tmp_path, database_url):
     served = client.get(f"/api/runs/{report['run_id']}").json
     assert served["lines"] == report["lines"]
     assert client.get("/api/runs/run_nope").status_code == 404
+
+
+def test_many_rows_are_inserted_as_given(store):
+    store.start_run(RunRecord("run_x", "s", "e", "2026-10", "h", "v", {}, []))
+    rows = [("run_x", n, f"cus_{n}", 'm"é\\\n', "2026-10", "match") for n in range(12_001)]  # three chunks on SQLite
+    store.backend.insert_many("run_lines", ("run_id", "position", "customer_id", "meter", "period", "class"), rows)
+    back = store.backend.tuples(
+        "SELECT run_id, position, customer_id, meter, period, class FROM run_lines ORDER BY position"
+    )
+    assert [tuple(row) for row in back] == rows
+
+
+def test_pages_hold_the_texts_in_order_and_name_their_first_line():
+    from bot.pages import packed, unpack
+
+    texts = [f'{{"n":{n},"s":"é\\n"}}' for n in range(29)]
+    pages = list(packed(iter(texts), size=3))  # ten pages, more than are compressed at once
+    assert [first for first, _ in pages] == list(range(0, 29, 3))
+    assert [text for _, body in pages for text in unpack(body)] == texts
