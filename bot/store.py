@@ -490,19 +490,24 @@ class Store:
         clearing it; escalate the items that reach `escalate_after` cycles. Returns those escalated now.
 
         A cycle is one later period: re-running the same period counts once. The open items
-        are few; the run's lines are found through the run_lines index, not read back."""
+        are few; each is looked up in the run's lines by key (run_lines_key), so a run of 500,000
+        keys is not walked line by line."""
         escalated = []
         with self.backend.transaction():
-            seen_later = self.backend.query(
-                """SELECT w.customer_id, w.meter, w.period, l.period AS seen
-                   FROM watchlist w JOIN run_lines l
-                     ON l.customer_id = w.customer_id AND l.meter = w.meter AND l.period > w.period
-                   WHERE w.status = 'open' AND l.run_id = ?
-                   ORDER BY w.customer_id, w.meter, w.period, l.period""",
-                [run_id],
+            open_items = self.backend.tuples(
+                """SELECT customer_id, meter, period FROM watchlist WHERE status = 'open'
+                   ORDER BY customer_id, meter, period"""
             )
-            for found in seen_later:
-                customer, meter, period, seen = found["customer_id"], found["meter"], found["period"], found["seen"]
+            seen_later = [
+                (customer, meter, period, seen)
+                for customer, meter, period in open_items
+                for (seen,) in self.backend.tuples(
+                    """SELECT period FROM run_lines
+                       WHERE customer_id = ? AND meter = ? AND period > ? AND run_id = ? ORDER BY period""",
+                    [customer, meter, period, run_id],
+                )
+            ]
+            for customer, meter, period, seen in seen_later:
                 self.backend.execute(
                     """INSERT INTO watch_checks (customer_id, meter, period, checked_period, run_id, checked_at)
                        VALUES (?, ?, ?, ?, ?, ?)
@@ -837,6 +842,9 @@ def _schema_5(db: Backend) -> None:
             ],
         )
     db.execute("ALTER TABLE run_lines DROP COLUMN line")
+    # Lookups by key (the watch-list's recheck, a key's latest line) and by customer use this one.
+    db.execute("CREATE INDEX run_lines_key ON run_lines (customer_id, meter, period)")
+    db.execute("DROP INDEX run_lines_customer")
 
 
 # The schema's history, oldest first: version N is MIGRATIONS[N - 1]. Append; never edit a step.
