@@ -21,12 +21,13 @@ import csv
 import hashlib
 import json
 import logging
+import time
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from bot.slack import SlackError, SlackPoster, alert_blocks, alert_text, channel_of, digest_blocks
+from bot.slack import SlackError, SlackPoster, SlackUnanswered, alert_blocks, alert_text, channel_of, digest_blocks
 from bot.store import RoutingLog, Store
 from bot.tickets import Queue, TicketRequest
 from connectors.base import ConnectorError, InputError
@@ -56,6 +57,7 @@ class RoutingIncomplete(RuntimeError):
 
 
 SEND_ERRORS = (SlackError, ConnectorError)
+POSTING_MARGIN = 120  # seconds: a lost post is looked for from this long before its mark (clock skew)
 
 
 @dataclass
@@ -156,12 +158,14 @@ class Router:
         owner_lookup: Callable[[str], str | None] | None = None,
         public_url: str | None = None,
         dry_run: bool = False,
+        clock: Callable[[], float] = time.time,
     ) -> None:
         self.store, self.config, self.outbox = store, config, outbox
         self.log = RoutingLog(store)
         self.owners = OwnerBook(owners if owners is not None else config.routing.owners, owner_lookup)
         self.public_url = public_url.rstrip("/") if public_url else None
         self.dry_run = dry_run
+        self.clock = clock
 
     # -- a run -------------------------------------------------------------------------
 
@@ -231,11 +235,28 @@ class Router:
             return Sent(to, key, "would update" if existing else "would post", text)
         if self.outbox.slack is None:
             return Sent(to, key, "not configured", text)
+        slack = self.outbox.slack
         if existing is not None:
-            posted = self.outbox.slack.update(existing["channel"], existing["ts"], text, blocks)
+            posted = slack.update(existing["channel"], existing["ts"], text, blocks)
             self.log.save_message(key, to, posted.channel, posted.ts, run_id, fingerprint, text)
             return Sent(to, key, "updated", text)
-        posted = self.outbox.slack.post(channel_of(to), text, blocks)
+        # Slack has no idempotency key: mark the post before the call, tag the message with its key,
+        # and after a post whose answer was lost, find the message instead of posting it again.
+        tag = {"key": key, "destination": to}
+        since = self.log.posting(key, to)
+        found = slack.find(channel_of(to), tag, since) if since is not None else None
+        if found is not None:
+            posted = slack.update(found.channel, found.ts, text, blocks)
+            self.log.save_message(key, to, posted.channel, posted.ts, run_id, fingerprint, text)
+            return Sent(to, key, "posted", text)
+        self.log.mark_posting(key, to, f"{self.clock() - POSTING_MARGIN:.6f}")
+        try:
+            posted = slack.post(channel_of(to), text, blocks, tag)
+        except SlackUnanswered:
+            raise  # posted or not: the mark stays, and the next attempt looks for the message first
+        except SlackError:
+            self.log.clear_posting(key, to)  # Slack answered and refused: nothing was posted
+            raise
         self.log.save_message(key, to, posted.channel, posted.ts, run_id, fingerprint, text)
         return Sent(to, key, "posted", text)
 

@@ -5,6 +5,11 @@ updated in place.
   with the SDK's rate-limit retry handler (429 → wait `Retry-After`, try again) and a
   pacer that keeps to about one message per second per channel. Both wait through an
   injectable `sleep`, so tests never sleep.
+- A message is posted with metadata naming its key and destination (`MESSAGE_EVENT`), so
+  a post whose answer was lost (a worker killed mid-call, a dropped connection) is found
+  again in the channel's history (`find`) instead of being posted twice: Slack has no
+  idempotency key. Scopes for that: `channels:history`, `groups:history`, `im:history`,
+  `channels:read`, `groups:read` and `im:write` (to find a channel or a DM by name or user).
 - `alert_blocks` / `digest_blocks` build the messages: raw, metered and invoiced units
   side by side, the delta in money, the class, where it broke, and a link to the evidence.
 """
@@ -29,11 +34,16 @@ from slack_sdk.http_retry.state import RetryState
 from rules.routing import actions_for
 
 DEFAULT_API_URL = WebClient.BASE_URL
+MESSAGE_EVENT = "overage_recon_message"  # the metadata event_type of every message the bot posts
 Sleep = Callable[[float], None]
 
 
 class SlackError(RuntimeError):
     """Slack refused a call (the message names the method and Slack's error code)."""
+
+
+class SlackUnanswered(SlackError):
+    """A call got no answer (connection lost, timeout): Slack may or may not have done it."""
 
 
 class PacedRateLimitHandler(RateLimitErrorRetryHandler):
@@ -100,12 +110,66 @@ class SlackPoster:
         )
         self.pacer = pacer or Pacer(sleep=sleep)
 
-    def post(self, channel: str, text: str, blocks: list[dict[str, Any]]) -> Posted:
+    def post(
+        self, channel: str, text: str, blocks: list[dict[str, Any]], tag: Mapping[str, str] | None = None
+    ) -> Posted:
+        """Post a message; `tag` (e.g. its key and destination) goes with it as message metadata."""
         self.pacer.wait(channel)
+        extra = {"metadata": {"event_type": MESSAGE_EVENT, "event_payload": dict(tag)}} if tag else {}
         response = self._call(
-            "chat.postMessage", self.client.chat_postMessage, channel=channel, text=text, blocks=blocks
+            "chat.postMessage", self.client.chat_postMessage, channel=channel, text=text, blocks=blocks, **extra
         )
         return Posted(str(response["channel"]), str(response["ts"]))
+
+    def find(self, channel: str, tag: Mapping[str, str], since: str) -> Posted | None:
+        """The message posted to `channel` since the Slack timestamp `since` whose metadata carries
+        `tag`, or None (also when the channel cannot be found by its name)."""
+        channel_id = self.channel_id(channel)
+        if channel_id is None:
+            return None
+        cursor = None
+        while True:
+            page = self._call(
+                "conversations.history",
+                self.client.conversations_history,
+                channel=channel_id,
+                oldest=since,
+                inclusive=True,
+                include_all_metadata=True,
+                limit=200,
+                **({"cursor": cursor} if cursor else {}),
+            )
+            for message in page.get("messages") or []:
+                metadata = message.get("metadata") or {}
+                if metadata.get("event_type") == MESSAGE_EVENT and metadata.get("event_payload") == dict(tag):
+                    return Posted(channel_id, str(message["ts"]))
+            cursor = (page.get("response_metadata") or {}).get("next_cursor")
+            if not page.get("has_more") or not cursor:
+                return None
+
+    def channel_id(self, channel: str) -> str | None:
+        """A channel's id: as given if it is one (`C…`, `G…`, `D…`), the DM's for a user (`U…`,
+        `W…`), else looked up by name among the channels the bot can see."""
+        if channel[:1] in ("C", "G", "D") and channel[1:].isalnum() and channel.isupper():
+            return channel
+        if channel[:1] in ("U", "W") and channel.isupper():
+            return str(self._call("conversations.open", self.client.conversations_open, users=channel)["channel"]["id"])
+        name, cursor = channel.removeprefix("#"), None
+        while True:
+            page = self._call(
+                "conversations.list",
+                self.client.conversations_list,
+                types="public_channel,private_channel",
+                exclude_archived=True,
+                limit=200,
+                **({"cursor": cursor} if cursor else {}),
+            )
+            for found in page.get("channels") or []:
+                if found.get("name") == name:
+                    return str(found["id"])
+            cursor = (page.get("response_metadata") or {}).get("next_cursor")
+            if not cursor:
+                return None
 
     def update(self, channel: str, ts: str, text: str, blocks: list[dict[str, Any]]) -> Posted:
         self.pacer.wait(channel)
@@ -119,6 +183,8 @@ class SlackPoster:
         except SlackApiError as exc:
             error = exc.response.get("error") if exc.response is not None else None
             raise SlackError(f"Slack {method}: {error or exc}") from None
+        except OSError as exc:  # urllib's URLError, a reset connection, a timeout
+            raise SlackUnanswered(f"Slack {method}: no answer ({exc})") from None
 
 
 def channel_of(destination: str) -> str:

@@ -35,6 +35,7 @@ TABLES = (
     "watch_checks",
     "inbox",
     "route_messages",
+    "route_posting",
     "route_tickets",
     "route_decisions",
     "route_writebacks",
@@ -624,16 +625,35 @@ class RoutingLog:
     def save_message(
         self, key: str, destination: str, channel: str, ts: str, run_id: str, fingerprint: str, summary: str
     ) -> None:
+        """Record a message posted or updated (and let go of its `posting` mark)."""
         at = now()
+        with self.backend.transaction():
+            self._write(
+                """INSERT INTO route_messages (key, destination, channel, ts, run_id, fingerprint, summary,
+                       posted_at, updated_at, updates)
+                   VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, 0)
+                   ON CONFLICT (key, destination) DO UPDATE SET run_id = excluded.run_id,
+                       fingerprint = excluded.fingerprint, summary = excluded.summary,
+                       updated_at = excluded.updated_at, updates = route_messages.updates + 1""",
+                [key, destination, channel, ts, run_id, fingerprint, summary, at, at],
+            )
+            self.clear_posting(key, destination)
+
+    def posting(self, key: str, destination: str) -> str | None:
+        """The Slack timestamp before which a post of this key was started and not recorded, if one was."""
+        row = self._one("SELECT since FROM route_posting WHERE key = ? AND destination = ?", [key, destination])
+        return row["since"] if row else None
+
+    def mark_posting(self, key: str, destination: str, since: str) -> None:
+        """Note, before calling Slack, that a post is under way (the first attempt's mark is kept)."""
         self._write(
-            """INSERT INTO route_messages (key, destination, channel, ts, run_id, fingerprint, summary,
-                   posted_at, updated_at, updates)
-               VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, 0)
-               ON CONFLICT (key, destination) DO UPDATE SET run_id = excluded.run_id,
-                   fingerprint = excluded.fingerprint, summary = excluded.summary,
-                   updated_at = excluded.updated_at, updates = route_messages.updates + 1""",
-            [key, destination, channel, ts, run_id, fingerprint, summary, at, at],
+            """INSERT INTO route_posting (key, destination, since) VALUES (?, ?, ?)
+               ON CONFLICT (key, destination) DO NOTHING""",
+            [key, destination, since],
         )
+
+    def clear_posting(self, key: str, destination: str) -> None:
+        self._write("DELETE FROM route_posting WHERE key = ? AND destination = ?", [key, destination])
 
     # -- tickets (one per key and queue) --
 
@@ -847,6 +867,15 @@ def _schema_5(db: Backend) -> None:
     db.execute("DROP INDEX run_lines_customer")
 
 
+def _schema_6(db: Backend) -> None:
+    """A Slack post under way: marked before the call, cleared when its message is recorded, so a
+    post whose answer was lost is looked for in the channel instead of posted again."""
+    db.execute(
+        """CREATE TABLE route_posting (
+            key TEXT NOT NULL, destination TEXT NOT NULL, since TEXT NOT NULL, PRIMARY KEY (key, destination))"""
+    )
+
+
 # The schema's history, oldest first: version N is MIGRATIONS[N - 1]. Append; never edit a step.
-MIGRATIONS: list[Callable[[Backend], None]] = [_schema_1, _schema_2, _schema_3, _schema_4, _schema_5]
+MIGRATIONS: list[Callable[[Backend], None]] = [_schema_1, _schema_2, _schema_3, _schema_4, _schema_5, _schema_6]
 SCHEMA_VERSION = len(MIGRATIONS)

@@ -3,7 +3,11 @@
 It answers `chat.postMessage` and `chat.update` in Slack's shapes: `{ok, channel, ts, message}`
 with the channel's id (`C...`) however the channel was named, `{ok: false, error}` for a
 refusal, and HTTP 429 with `Retry-After` and `{ok: false, error: "ratelimited"}` when told
-to rate-limit the next calls.
+to rate-limit the next calls. Messages keep their `metadata`, which `conversations.history`
+(newest first, from `oldest`, paged by `limit` and `cursor`) returns; `conversations.list`
+lists the channels posted to by name, and `conversations.open` gives a user's DM channel.
+Told to `lose` a channel's next post, it posts and then drops the connection unanswered, as
+when a worker dies between Slack's answer and saving it.
 """
 
 from __future__ import annotations
@@ -15,7 +19,7 @@ import threading
 import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
-from urllib.parse import urlencode
+from urllib.parse import parse_qsl, urlencode, urlsplit
 
 
 class FakeSlack:
@@ -25,16 +29,32 @@ class FakeSlack:
         self.rate_limited = 0  # answer this many next calls with 429
         self.retry_after = "3"
         self.missing: set[str] = set()  # channels the bot is not in: channel_not_found
+        self.lose: set[str] = set()  # channels (as named in the call) whose next post is made, then unanswered
+        self.names: dict[str, str] = {}  # channel name → id, for the channels posted to by name
         self._seq = 0
         self._lock = threading.Lock()
         fake = self
 
         class Handler(BaseHTTPRequestHandler):
+            def do_GET(self) -> None:  # noqa: N802 - http.server's name
+                url = urlsplit(self.path)
+                self._answer(url.path.rsplit("/", 1)[-1], dict(parse_qsl(url.query)))
+
             def do_POST(self) -> None:  # noqa: N802 - http.server's name
                 length = int(self.headers.get("Content-Length") or 0)
-                body = json.loads(self.rfile.read(length) or b"{}")
-                method = self.path.rsplit("/", 1)[-1]
+                raw = self.rfile.read(length)
+                if self.headers.get("Content-Type", "").startswith("application/x-www-form-urlencoded"):
+                    body = dict(parse_qsl(raw.decode()))
+                else:
+                    body = json.loads(raw or b"{}")
+                self._answer(self.path.rsplit("/", 1)[-1], body)
+
+            def _answer(self, method: str, body: dict[str, Any]) -> None:
                 status, headers, answer = fake.answer(method, body, self.headers.get("Authorization", ""))
+                if status == 0:  # lost: the call was done, the answer never comes
+                    self.close_connection = True
+                    self.connection.close()
+                    return
                 data = json.dumps(answer).encode()
                 self.send_response(status)
                 self.send_header("Content-Type", "application/json; charset=utf-8")
@@ -85,19 +105,34 @@ class FakeSlack:
                 body["_answered"] = 429
                 return 429, {"Retry-After": self.retry_after}, {"ok": False, "error": "ratelimited"}
             body["_answered"] = 200
+            if method == "conversations.list":
+                return 200, {}, self._channels(body)
+            if method == "conversations.open":
+                channel = self.channel_id(body["users"])
+                return 200, {}, {"ok": True, "no_op": True, "already_open": True, "channel": {"id": channel}}
             if body["channel"] in self.missing:
                 return 200, {}, {"ok": False, "error": "channel_not_found"}
             channel = self.channel_id(body["channel"])
+            if method == "conversations.history":
+                return 200, {}, self._history(channel, body)
             if method == "chat.postMessage":
                 self._seq += 1
-                ts = f"{1790812800 + self._seq}.{self._seq:06d}"
+                ts = f"{int(time.time())}.{self._seq:06d}"  # as Slack stamps it: the time of posting
                 message = self._message(body, ts)
                 self.messages[(channel, ts)] = message
+                if not body["channel"].startswith(("C", "D", "U")):
+                    self.names[body["channel"].removeprefix("#")] = channel
+                if body["channel"] in self.lose:
+                    self.lose.discard(body["channel"])
+                    body["_answered"] = 0
+                    return 0, {}, {}
                 return 200, {}, {"ok": True, "channel": channel, "ts": ts, "message": message}
             if method == "chat.update":
                 if (channel, body["ts"]) not in self.messages:
                     return 200, {}, {"ok": False, "error": "message_not_found"}
                 message = self._message(body, body["ts"])
+                if "metadata" in self.messages[(channel, body["ts"])] and "metadata" not in message:
+                    message["metadata"] = self.messages[(channel, body["ts"])]["metadata"]  # kept, as Slack does
                 self.messages[(channel, body["ts"])] = message
                 return (
                     200,
@@ -106,9 +141,40 @@ class FakeSlack:
                 )
             return 200, {}, {"ok": False, "error": "unknown_method"}
 
+    def _channels(self, body: dict[str, Any]) -> dict[str, Any]:
+        """conversations.list: the channels posted to by name, `limit` a page, paged by `cursor`."""
+        channels = [
+            {"id": cid, "name": name, "is_channel": True, "is_archived": False, "is_member": True}
+            for name, cid in sorted(self.names.items())
+        ]
+        start, size = int(body.get("cursor") or 0), int(body.get("limit") or 100)
+        more = start + size < len(channels)
+        page = channels[start : start + size]
+        return {"ok": True, "channels": page, "response_metadata": {"next_cursor": str(start + size) if more else ""}}
+
+    def _history(self, channel: str, body: dict[str, Any]) -> dict[str, Any]:
+        """conversations.history: newest first, from `oldest` (inclusive), paged by `limit`/`cursor`."""
+        oldest = float(body.get("oldest") or 0)
+        found = sorted(
+            (m for (cid, ts), m in self.messages.items() if cid == channel and float(ts) >= oldest),
+            key=lambda m: float(m["ts"]),
+            reverse=True,
+        )
+        start, size = int(body.get("cursor") or 0), int(body.get("limit") or 100)
+        more = start + size < len(found)
+        return {
+            "ok": True,
+            "messages": found[start : start + size],
+            "has_more": more,
+            "pin_count": 0,
+            "channel_actions_ts": None,
+            "channel_actions_count": 0,
+            "response_metadata": {"next_cursor": str(start + size) if more else ""},
+        }
+
     @staticmethod
     def _message(body: dict[str, Any], ts: str) -> dict[str, Any]:
-        return {
+        message = {
             "type": "message",
             "subtype": "bot_message",
             "text": body.get("text", ""),
@@ -117,6 +183,9 @@ class FakeSlack:
             "bot_id": "B0RECON01",
             "blocks": body.get("blocks", []),
         }
+        if body.get("metadata"):
+            message["metadata"] = body["metadata"]
+        return message
 
 
 def block_actions(

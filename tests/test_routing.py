@@ -11,7 +11,7 @@ import responses
 from responses import matchers
 
 from bot.routing import Outbox, Router, RoutingIncomplete
-from bot.slack import Pacer, SlackPoster
+from bot.slack import Pacer, SlackPoster, channel_of
 from bot.store import RoutingLog
 from bot.tickets import JiraQueue, LinearQueue, WebhookSink, retrying, verify_webhook
 from rules.config import parse_config
@@ -194,6 +194,49 @@ def test_a_failing_destination_does_not_stop_the_others_and_is_retried_alone(tmp
         ("slack:@U0CSMBEE", "unchanged"),
         ("slack:#revops-digest", "unchanged"),
     }
+
+    assert not slack.posted("conversations.history")  # a refusal clears the mark: nothing to look for
+
+
+@pytest.mark.parametrize(("key", "to"), [(UNDER, "slack:#revops"), (OVER, "slack:@U0CSMBEE")])  # by name; a DM
+def test_a_post_whose_answer_was_lost_is_found_in_the_channel_not_posted_again(tmp_path, store, slack, key, to):
+    october(tmp_path)
+    run_id = reconcile_book(tmp_path, "2026-10", store)["run_id"]
+    router = make_router(store, tmp_path, slack)
+    slack.lose.add(channel_of(to))
+
+    with pytest.raises(RoutingIncomplete, match=f"{to}: Slack chat.postMessage: no answer"):
+        router.route_run(run_id)
+    assert RoutingLog(store).message(key, to) is None  # the answer never came: nothing recorded
+    again = router.route_run(run_id)
+
+    made = [b for name, b in slack.calls if name == "chat.postMessage" and b["channel"] == channel_of(to)]
+    assert len(made) == 1  # the retry found the message in the channel's history instead
+    (found,) = [
+        (channel, ts)
+        for (channel, ts), m in slack.messages.items()
+        if m.get("metadata", {}).get("event_payload") == {"key": key, "destination": to}
+    ]
+    saved = RoutingLog(store).message(key, to)
+    assert (saved["channel"], saved["ts"]) == found
+    assert (to, "posted") in {(s.to, s.what) for s in again}
+    assert RoutingLog(store).posting(key, to) is None
+    posts = len(slack.posted())
+    assert {s.what for s in router.route_run(run_id) if s.to == to} == {"unchanged"}
+    assert len(slack.posted()) == posts
+
+
+def test_a_post_marked_but_never_made_is_posted_after_looking(tmp_path, store, slack):
+    october(tmp_path)
+    run_id = reconcile_book(tmp_path, "2026-10", store)["run_id"]
+    slack.names["revops"] = slack.channel_id("#revops")  # the channel exists; nothing was posted to it
+    RoutingLog(store).mark_posting(UNDER, "slack:#revops", "1790000000.000000")  # a worker died before the call
+
+    sent = make_router(store, tmp_path, slack).route_run(run_id)
+
+    assert [b["channel"] for b in slack.posted("conversations.history")] == [slack.channel_id("#revops")]
+    assert len([b for b in slack.posted() if b["channel"] == "#revops"]) == 1
+    assert ("slack:#revops", "posted") in {(s.to, s.what) for s in sent if s.key == UNDER}
 
 
 # -- tickets and webhooks -------------------------------------------------------------------
