@@ -52,6 +52,7 @@ from bot.service import event_run_id  # noqa: E402
 from bot.signatures import InboundEvent  # noqa: E402
 from bot.store import Claimed, RunRecord, Store  # noqa: E402
 from bot.worker import Outcome, Worker  # noqa: E402
+from rules.report import stored_from_json  # noqa: E402
 
 FIXTURE = ROOT.parent / "shared" / "fixtures" / "stripe" / "event_invoice_created.json"
 TARGET_RATIO = 1.6
@@ -86,7 +87,7 @@ def work(store: Store, provider: str, event_id: str, body: str, rounds: int) -> 
     run_id = event_run_id(provider, event_id)
     record = RunRecord(run_id, "2026-10-01", "2026-11-01", "2026-10", "bench", "1", {"event": event_id}, [])
     store.start_run(record)
-    store.save_run(record, {"keys": 3, "digest": digest[:8].hex()}, report_lines(event_id))
+    store.save_run(record, {"keys": 3, "digest": digest[:8].hex()}, stored_from_json(report_lines(event_id)))
     return run_id
 
 

@@ -329,7 +329,7 @@ def measure_stages(data: Path, ext: str, repeat: int, other_ext: str | None) -> 
     from rules.match import join_billing
     from rules.periods import parse_period
     from rules.reconcile import reconcile, run_id_for
-    from rules.report import report_head, report_lines
+    from rules.report import report_head, stored_lines
     from rules.timeline import build_timeline
 
     config_path = data / f"recon-{ext}.toml"
@@ -426,8 +426,7 @@ def measure_stages(data: Path, ext: str, repeat: int, other_ext: str | None) -> 
 
         def store() -> bool:
             stores.append(Store.open(f"sqlite:///{Path(tmp) / f'store-{next(counter)}.db'}"))
-            document = {**head, "lines": report_lines(report)}
-            return save(stores[-1], document, config, inputs, periods, frozenset())
+            return save(stores[-1], head, stored_lines(report), config, inputs, periods, frozenset())
 
         times, peak, stored = timed(store, repeat)
         assert stored, "the run was not stored"

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, replace
 from decimal import Decimal
@@ -21,7 +21,7 @@ from rules.match import Joined, add_raw, join_billing
 from rules.models import InvoiceLine, MeteredRecord, Period, RawAggregate, Report
 from rules.periods import infer_periods, label_for
 from rules.reconcile import CALCULATION_VERSION, judge_all, reconcile, run_id_for, without_cyclic_gc
-from rules.report import line_text, report_head, report_json, report_lines
+from rules.report import LineWriter, StoredLine, report_head, report_json, stored_lines
 from rules.timeline import build_timeline
 
 
@@ -50,9 +50,8 @@ class RunResult:
         that are not matches."""
         if self.verdicts is not None:
             verdicts = self.verdicts
-            if breaks_only:
-                verdicts = replace(verdicts, lines=tuple(ln for ln in verdicts.lines if ln.klass != "match"))
-            return map(line_text, report_lines(verdicts))
+            lines = verdicts.lines
+            return map(LineWriter(), (ln for ln in lines if ln.klass != "match") if breaks_only else lines)
         assert self.store is not None
         return self.store.line_texts(self.head["run_id"], breaks_only=breaks_only)
 
@@ -159,7 +158,7 @@ def _reconcile(
     head = report_head(report, _scope(joined))
     if store is None:
         return RunResult(head=head, store=None, verdicts=report)
-    stored = save(store, {**head, "lines": report_lines(report)}, config, inputs, periods, customers)
+    stored = save(store, head, stored_lines(report), config, inputs, periods, customers)
     return RunResult(head=head, store=store, stored=stored)
 
 
@@ -228,7 +227,7 @@ def reconcile_invoice(
         every_meter=bool(records.customer_id),
     )
     document = report_json(report, _scope(joined))
-    store.save_run(record, document["summary"], document["lines"])
+    store.save_run(record, document["summary"], stored_lines(report))
     store.recheck_watchlist(run_id, config.period.escalate_after)
     if records.status == "draft":
         hold_if_material(config.platforms.get(provider, {}), billing, invoice_id, run_id, document["lines"])
@@ -259,7 +258,8 @@ def _scope(joined: Joined) -> dict[str, Any]:
 
 def save(
     store: Store,
-    document: dict[str, Any],
+    head: dict[str, Any],
+    lines: Iterable[StoredLine],
     config: Config,
     inputs: dict[str, str],
     periods: tuple[Period, ...],
@@ -268,9 +268,9 @@ def save(
 ) -> bool:
     label = periods[0].label if len(periods) == 1 else f"{periods[0].label}..{periods[-1].label}"
     record = RunRecord(
-        run_id=document["run_id"],
-        period_start=document["period"]["start"],
-        period_end=document["period"]["end"],
+        run_id=head["run_id"],
+        period_start=head["period"]["start"],
+        period_end=head["period"]["end"],
         period_label=label,
         config_hash=config.fingerprint,
         calculation_version=CALCULATION_VERSION,
@@ -279,6 +279,6 @@ def save(
         invoice_id=invoice_id,
         customer_id=next(iter(customers)) if len(customers) == 1 else None,
     )
-    stored = store.save_run(record, document["summary"], document["lines"])
+    stored = store.save_run(record, head["summary"], lines)
     store.recheck_watchlist(record.run_id, config.period.escalate_after)
     return stored

@@ -23,7 +23,7 @@ from typing import Any
 
 from bot.database import Backend, DatabaseError, open_backend
 from bot.pages import LINES_PER_PAGE, pack, packed, unpack
-from rules.report import line_text
+from rules.report import StoredLine
 
 INBOX_STATES = ("pending", "processing", "done", "ignored", "dead")
 TABLES = (
@@ -145,7 +145,7 @@ class Store:
 
     # -- runs -------------------------------------------------------------------
 
-    def save_run(self, record: RunRecord, summary: dict[str, Any], lines: Iterable[dict[str, Any]]) -> bool:
+    def save_run(self, record: RunRecord, summary: dict[str, Any], lines: Iterable[StoredLine]) -> bool:
         """Store a finished run with its lines and discrepancies; False if it was already done.
 
         A run started earlier (`start_run`) and cut short is completed under the same id.
@@ -172,7 +172,7 @@ class Store:
         row = self.backend.one("SELECT status FROM runs WHERE run_id = ?", [run_id])
         return row[0] if row else None
 
-    def _insert_run(self, record: RunRecord, summary: dict[str, Any], lines: Iterable[dict[str, Any]]) -> bool:
+    def _insert_run(self, record: RunRecord, summary: dict[str, Any], lines: Iterable[StoredLine]) -> bool:
         summary_text = json.dumps(summary, sort_keys=True)
         with self.backend.transaction():
             if self.run_status(record.run_id) is not None:
@@ -197,7 +197,7 @@ class Store:
             self._insert_lines(record.run_id, lines)
         return True
 
-    def _insert_lines(self, run_id: str, lines: Iterable[dict[str, Any]]) -> None:
+    def _insert_lines(self, run_id: str, lines: Iterable[StoredLine]) -> None:
         """The run's lines in one pass (they may be made one at a time): their texts in compressed
         pages, each line's key and class in run_lines (the index), then the run's discrepancies
         and timing items, in the order of the lines."""
@@ -207,13 +207,14 @@ class Store:
 
         def texts() -> Iterator[str]:
             for position, line in enumerate(lines):
-                klass = line["class"]
-                if klass != "match":
-                    breaks.append(line)
-                if klass == "timing" or line["evidence"]["clears"]:
-                    timing.append(line)
-                keys.append((run_id, position, line["customer_id"], line["meter"], line["period"], klass))
-                yield line_text(line)
+                if line.followed:  # a discrepancy, a timing item, or a line clearing one: read it
+                    shown = json.loads(line.text)
+                    if line.klass != "match":
+                        breaks.append(shown)
+                    if line.klass == "timing" or shown["evidence"]["clears"]:
+                        timing.append(shown)
+                keys.append((run_id, position, line.customer_id, line.meter, line.period, line.klass))
+                yield line.text
 
         self.backend.executemany(
             "INSERT INTO run_pages (run_id, first_position, body) VALUES (?, ?, ?)",

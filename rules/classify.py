@@ -15,11 +15,13 @@ from __future__ import annotations
 from dataclasses import dataclass
 from datetime import datetime
 from decimal import ROUND_HALF_UP, Decimal
+from typing import Any
 
 from rules.config import Meter, PlanChange
 from rules.match import ZERO, KeyFacts
 from rules.models import Evidence, InvoiceLine, Period, ReconLine, TimingRef
 from rules.pricing import Pricing, billable_units, minor_unit, price, round_money
+from rules.report import numbers_json
 from rules.timeline import Segment
 
 
@@ -66,11 +68,18 @@ class Money:
 
 
 def judge(
-    facts: KeyFacts, meter: Meter | None, period: Period, segments: dict[int, Segment], evidence_limit: int
+    facts: KeyFacts,
+    meter: Meter | None,
+    period: Period,
+    segments: dict[int, Segment],
+    evidence_limit: int,
+    memo: dict[tuple[Any, ...], Any] | None = None,
 ) -> ReconLine:
+    """The verdict on one key. `memo` (a dict kept for one run) lets plain keys with the same
+    quantities and amount share their numbers and the numbers' text."""
     if meter is None or not facts.customer_id:
         return _unmapped(facts, meter, period, evidence_limit, None)
-    agreed = _plain_match(facts, meter, period)
+    agreed = _plain_match(facts, meter, period, memo)
     if agreed is not None:
         return agreed
     foreign = [ln.currency for ln in facts.lines if ln.currency != meter.currency]
@@ -121,16 +130,26 @@ def judge(
     )
 
 
+MEMO_LIMIT = 50_000  # plain keys' numbers kept at once (about 15 MB)
 _NO_MONEY: dict[Decimal, Decimal] = {}  # a currency's minor unit → zero money at its precision
 
 
-def _plain_match(facts: KeyFacts, meter: Meter, period: Period) -> ReconLine | None:
+def _plain_match(
+    facts: KeyFacts, meter: Meter, period: Period, memo: dict[tuple[Any, ...], Any] | None = None
+) -> ReconLine | None:
     """The verdict on a plain key whose units and amount agree; None for any other key.
 
     A plain key has one usage line in the meter's currency, nothing late, no catch-up, no
     duplicates and a meter without plan changes: most keys of a book. The rules are the
     whole path's with its readings reduced to the one a plain key has (on time = raw, no
-    adjustments, no proration, no drift), so a disagreement is left to the whole path."""
+    adjustments, no proration, no drift), so a disagreement is left to the whole path.
+
+    Its numbers depend only on the meter, the raw and metered quantities and the line's
+    quantity and amount, and many keys share them: `memo` keeps them (and their JSON text) by
+    those. The quantities are keyed by their text, which keeps their exponent (`108` and `108.0`
+    are equal, and written differently); the line's quantity and amount by identity (a file's
+    distinct values are parsed once into one object each), the memo holding them so that an
+    identity is never reused while it lives."""
     if meter.plan or len(facts.lines) != 1:
         return None
     line = facts.lines[0]
@@ -141,6 +160,38 @@ def _plain_match(facts: KeyFacts, meter: Meter, period: Period) -> ReconLine | N
         return None
     if facts.duplicate_ids:
         return None
+    if memo is None:
+        numbers = _plain_numbers(facts, meter, line)
+        shown = None
+    else:
+        metered = facts.metered
+        key = (id(meter), str(facts.raw), None if metered is None else str(metered), id(line.quantity), id(line.amount))
+        known = memo.get(key)
+        if known is None:
+            if len(memo) >= MEMO_LIMIT:  # a book whose keys share little: start again, bounded
+                memo.clear()
+            numbers = _plain_numbers(facts, meter, line)
+            shown = numbers_json(numbers) if numbers is not None else None
+            known = memo[key] = (numbers, shown, line.quantity, line.amount)
+        numbers, shown = known[0], known[1]
+    if numbers is None:
+        return None
+    return ReconLine(
+        facts.customer_id,
+        facts.meter,
+        period,
+        *numbers,
+        currency,
+        "match",
+        "none",
+        "raw, metered and invoiced agree",
+        Evidence((), (), (), (line.line_id,), (line.invoice_id,), ()),
+        shown,
+    )
+
+
+def _plain_numbers(facts: KeyFacts, meter: Meter, line: InvoiceLine) -> tuple[Decimal, ...] | None:
+    """A plain key's numbers (NUMBER_FIELDS' order) when its units and amount agree, else None."""
     raw = _convert(facts.raw, meter)
     if facts.metered is None:
         metered = ZERO
@@ -152,6 +203,7 @@ def _plain_match(facts: KeyFacts, meter: Meter, period: Period) -> ReconLine | N
         invoiced != metered and abs(invoiced - metered) > tolerance
     ):
         return None
+    currency = meter.currency
     included, pricing = meter.included, meter.pricing
     cent = minor_unit(currency)
     expected = price(pricing, raw - included).quantize(cent, rounding=ROUND_HALF_UP)
@@ -166,10 +218,7 @@ def _plain_match(facts: KeyFacts, meter: Meter, period: Period) -> ReconLine | N
     no_money = _NO_MONEY.get(cent)
     if no_money is None:
         no_money = _NO_MONEY[cent] = ZERO.quantize(cent)
-    return ReconLine(
-        facts.customer_id,
-        facts.meter,
-        period,
+    return (
         raw,
         nothing,
         nothing,
@@ -182,11 +231,6 @@ def _plain_match(facts: KeyFacts, meter: Meter, period: Period) -> ReconLine | N
         no_money,
         raw - invoiced,
         no_money if expected == usage else (expected - usage).quantize(cent, rounding=ROUND_HALF_UP),
-        currency,
-        "match",
-        "none",
-        "raw, metered and invoiced agree",
-        Evidence((), (), (), (line.line_id,), (line.invoice_id,), ()),
     )
 
 

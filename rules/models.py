@@ -125,6 +125,9 @@ class ReconLine:
     break_at: str
     cause: str
     evidence: Evidence
+    # The numbers' part of the line's JSON text (rules.report.numbers_json), when the verdict
+    # shares its numbers with other keys (the plain path's memo); None: made from the fields.
+    numbers_json: str | None = field(default=None, compare=False, repr=False)
 
     @property
     def sort_key(self) -> tuple[str, str, datetime]:

@@ -68,9 +68,10 @@ def judge_all(
     segments = dict(enumerate(timeline.segments))
     verdicts = []
     meters, periods, limit = config.meters, timeline.periods, config.evidence_limit
+    memo: dict[tuple[object, ...], object] = {}  # plain keys' shared numbers (classify._plain_match)
     while joined.facts:
         _, facts = joined.facts.popitem()
-        verdicts.append(judge(facts, meters.get(facts.meter), periods[facts.period_index], segments, limit))
+        verdicts.append(judge(facts, meters.get(facts.meter), periods[facts.period_index], segments, limit, memo))
     verdicts.sort(key=ReconLine.sort_key.fget)  # type: ignore[arg-type]
     return Report(run_id=run_id, periods=timeline.periods, lines=tuple(verdicts)), joined
 

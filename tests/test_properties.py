@@ -13,9 +13,9 @@ from hypothesis import strategies as st
 from rules.classify import judge
 from rules.config import Meter, PlanChange
 from rules.match import KeyFacts
-from rules.models import InvoiceLine, Period
+from rules.models import Evidence, InvoiceLine, Period, ReconLine, TimingRef
 from rules.pricing import Pricing, Tier, billable_units, price, round_money
-from rules.report import line_json, number
+from rules.report import NUMBER_FIELDS, LineWriter, line_json, line_text, number
 from rules.timeline import Segment
 from tests.book import event, line, metered, reconcile_book, write_book
 
@@ -169,6 +169,58 @@ def test_a_plain_key_gets_the_whole_paths_verdict(
     assert line_json(judge(facts, meter, OCTOBER, segments, 5)) == line_json(
         judge(facts, planned, OCTOBER, segments, 5)
     )
+    # With the run's memo, after keys of equal values written otherwise: still the same text.
+    memo: dict = {}
+    twin_raw = KeyFacts("cus_b", "api_calls", 0, raw=written_otherwise(raw), lines=(usage,))
+    twin_raw.metered = facts.metered
+    twin_metered = KeyFacts("cus_c", "api_calls", 0, raw=raw, lines=(usage,))
+    twin_metered.metered = None if facts.metered is None else written_otherwise(facts.metered)
+    twin_line = KeyFacts(
+        "cus_d", "api_calls", 0, raw=raw, lines=(replace(usage, quantity=written_otherwise(quantity)),)
+    )
+    twin_line.metered = facts.metered
+    write = LineWriter()
+    for twin in (twin_raw, twin_metered, twin_line):
+        assert write(judge(twin, meter, OCTOBER, segments, 5, memo)) == line_text(
+            line_json(judge(twin, meter, OCTOBER, segments, 5))
+        )
+    for _ in range(2):  # the first fills the memo (or finds the twin's entry), the second finds it
+        assert write(judge(facts, meter, OCTOBER, segments, 5, memo)) == line_text(
+            line_json(judge(facts, meter, OCTOBER, segments, 5))
+        )
+
+
+def written_otherwise(value: Decimal) -> Decimal:
+    """The same value with one more trailing zero (`5` → `5.0`): equal, and written differently."""
+    return value.quantize(Decimal(10) ** (value.as_tuple().exponent - 1))  # type: ignore[operator]
+
+
+texts = st.text(max_size=12)  # quotes, backslashes, control characters, non-ASCII, lone surrogates
+numbers = st.decimals(allow_nan=False, allow_infinity=False)
+id_lists = st.lists(texts, max_size=3).map(tuple)
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    st.tuples(texts, texts, texts, texts, texts, texts),
+    st.tuples(*[numbers] * len(NUMBER_FIELDS)),
+    st.tuples(id_lists, id_lists, id_lists, id_lists, id_lists),
+    st.lists(st.tuples(texts, texts, texts), max_size=2),
+)
+def test_a_line_written_straight_from_its_verdict_is_the_dicts_text(words, values, ids, clears):
+    customer, meter, currency, klass, break_at, cause = words
+    verdict = ReconLine(
+        customer,
+        meter,
+        OCTOBER,
+        *values,
+        currency,
+        klass,
+        break_at,
+        cause,
+        Evidence(*ids, clears=tuple(TimingRef(*c) for c in clears)),
+    )
+    assert LineWriter()(verdict) == line_text(line_json(verdict))
 
 
 @given(st.decimals(allow_nan=False, allow_infinity=False))
