@@ -39,5 +39,5 @@ def get_run(run_id: str) -> ResponseReturnValue:
     if head is None:
         abort(404)
     breaks_only = request.args.get("lines") == "breaks"
-    lines = store.line_texts(run_id, breaks_only=breaks_only)
+    lines = store.line_texts(run_id, breaks_only=True) if breaks_only else store.line_blocks(run_id)
     return Response(stream_with_context(json_pieces(head, lines)), mimetype="application/json")

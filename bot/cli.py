@@ -207,7 +207,7 @@ def write_report(result: RunResult, fmt: str, out: Path | None, show_all: bool =
         return
     with out.open("w", encoding="utf-8") if out else contextlib.nullcontext(sys.stdout) as handle:
         if fmt == "json":
-            render.write_json(result.head, result.texts(), handle)
+            render.write_json(result.head, result.blocks(), handle)
         else:
             render.write_csv(result.lines(), handle)
 

@@ -27,7 +27,12 @@ def pack(texts: list[str]) -> bytes:
 
 
 def unpack(body: bytes) -> list[str]:
-    return zlib.decompress(body).decode().split("\n")
+    return unpack_text(body).split("\n")
+
+
+def unpack_text(body: bytes) -> str:
+    """A page's lines as one text, joined by newlines."""
+    return zlib.decompress(body).decode()
 
 
 def packed(texts: Iterable[str], size: int = LINES_PER_PAGE) -> Iterator[tuple[int, bytes]]:
@@ -46,3 +51,16 @@ def packed(texts: Iterable[str], size: int = LINES_PER_PAGE) -> Iterator[tuple[i
         while pending:
             start, body = pending.popleft()
             yield start, body.result()
+
+
+def unpacked(bodies: Iterable[bytes]) -> Iterator[str]:
+    """Each page's text (`unpack_text`), in order, decompressed on a worker thread a few pages
+    ahead of the reader."""
+    pending: deque[Future[str]] = deque()
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="pages") as pool:
+        for body in bodies:
+            pending.append(pool.submit(unpack_text, body))
+            if len(pending) > AHEAD:
+                yield pending.popleft().result()
+        while pending:
+            yield pending.popleft().result()

@@ -60,13 +60,15 @@ def write_json(head: dict[str, Any], lines: Iterable[str], out: TextIO) -> None:
 
 
 def json_pieces(head: dict[str, Any], lines: Iterable[str]) -> Iterator[str]:
-    """The text of `write_json`, piece by piece (an HTTP response streams them)."""
+    """The text of `write_json`, piece by piece (an HTTP response streams them). An item of
+    `lines` may be a block of several line texts joined by newlines (`Store.line_blocks`): it
+    is written in one step (a line's text never holds a newline of its own)."""
     text = json_text({**head, "lines": []})
     assert text.endswith(_NO_LINES)
     yield text[: -len("[]\n}")]
     opening = "[\n    "
-    for line in lines:
-        yield opening + line
+    for block in lines:
+        yield opening + block.replace("\n", ",\n    ")
         opening = ",\n    "
     yield "[]\n}\n" if opening.startswith("[") else "\n  ]\n}\n"
 

@@ -55,6 +55,14 @@ class RunResult:
         assert self.store is not None
         return self.store.line_texts(self.head["run_id"], breaks_only=breaks_only)
 
+    def blocks(self) -> Iterator[str]:
+        """Every line's text, in blocks of consecutive lines joined by newlines (the store's pages;
+        without a store, a line each), for writers that take a block at a time."""
+        if self.verdicts is not None:
+            return self.texts()
+        assert self.store is not None
+        return self.store.line_blocks(self.head["run_id"])
+
     def lines(self, breaks_only: bool = False) -> Iterator[dict[str, Any]]:
         return map(orjson.loads, self.texts(breaks_only))
 

@@ -22,7 +22,7 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from bot.database import Backend, DatabaseError, open_backend
-from bot.pages import LINES_PER_PAGE, pack, packed, unpack
+from bot.pages import LINES_PER_PAGE, pack, packed, unpack, unpacked
 from rules.report import StoredLine
 
 INBOX_STATES = ("pending", "processing", "done", "ignored", "dead")
@@ -282,7 +282,16 @@ class Store:
             )
             yield from self._texts_at(run_id, [p for (p,) in positions])
             return
-        batch, after = 8, -1
+        for block in self.line_blocks(run_id):
+            yield from block.split("\n")
+
+    def line_blocks(self, run_id: str) -> Iterator[str]:
+        """The run's lines as stored, in blocks of consecutive lines joined by newlines (a page
+        each): a writer can handle a block at a time instead of a line."""
+        return unpacked(self._page_bodies(run_id))
+
+    def _page_bodies(self, run_id: str, batch: int = 8) -> Iterator[bytes]:
+        after = -1
         while True:
             rows = self.backend.tuples(
                 """SELECT first_position, body FROM run_pages WHERE run_id = ? AND first_position > ?
@@ -290,7 +299,7 @@ class Store:
                 [run_id, after, batch],
             )
             for _, body in rows:
-                yield from unpack(body)
+                yield body
             if len(rows) < batch:
                 return
             after = rows[-1][0]

@@ -207,7 +207,7 @@ class LineWriter:
         )
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)  # not frozen: a frozen __init__ costs five times a plain one's
 class StoredLine:
     """A report line as the store keeps it: its key and class (the store's index), its text,
     and whether the store must read it (a discrepancy, a timing item, or a line that clears one)."""

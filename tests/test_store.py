@@ -6,6 +6,7 @@ import json
 
 import pytest
 
+from bot import render
 from bot.app import create_app
 from bot.config import Settings
 from bot.store import SCHEMA_VERSION, RunRecord, Store, StoreError
@@ -63,6 +64,12 @@ def test_a_runs_lines_are_kept_in_pages_and_read_back_in_order(tmp_path, store):
     assert breaks == [ln for ln in report["lines"] if ln["class"] != "match"]
     assert store.latest_line("cus_4", "api_calls", "2026-10") == (run_id, report["lines"][4])
     assert [ln["customer_id"] for ln in store.period_lines("2026-10")] == customers
+    head = store.run_head(run_id)
+    by_block, by_line = (
+        render.json_pieces(head, lines) for lines in (store.line_blocks(run_id), store.line_texts(run_id))
+    )
+    assert "".join(by_block) == "".join(by_line)  # a page at a time writes what a line at a time does
+    assert json.loads("".join(render.json_pieces(head, store.line_blocks(run_id))))["lines"] == report["lines"]
     assert list(store.line_texts("run_missing")) == []
 
 
