@@ -35,6 +35,7 @@ from __future__ import annotations
 import sqlite3
 import threading
 from collections.abc import Iterable, Iterator, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import contextmanager
 from functools import lru_cache
 from itertools import islice
@@ -110,13 +111,23 @@ class SqliteBackend:
     ) -> None:
         """Insert rows of texts and integers `chunk` at a time, each chunk handed to SQLite as one
         JSON array that json_each unpacks: one statement per chunk instead of one per row, half
-        the time of `executemany` for a run's 500,000 index rows. `table` and `columns` are the
-        store's own names, never input."""
+        the time of `executemany` for a run's 500,000 index rows. Each statement runs on a worker
+        thread (SQLite lets go of the GIL while it works) while this one makes the next chunk:
+        `rows` may be a generator doing real work, which then overlaps with SQLite's. The caller
+        must not use the connection until this returns. `table` and `columns` are the store's
+        own names, never input."""
         picks = ", ".join(f"value ->> {i}" for i in range(len(columns)))
         sql = f"INSERT INTO {table} ({', '.join(columns)}) SELECT {picks} FROM json_each(?)"
         pending = iter(rows)
-        while batch := list(islice(pending, chunk)):
-            self.conn.execute(sql, [orjson.dumps(batch).decode()])
+        running: Future[Any] | None = None
+        with ThreadPoolExecutor(max_workers=1, thread_name_prefix="sqlite-insert") as pool:
+            while batch := list(islice(pending, chunk)):
+                packed = orjson.dumps(batch).decode()
+                if running is not None:
+                    running.result()
+                running = pool.submit(self.conn.execute, sql, [packed])
+            if running is not None:
+                running.result()
 
     def query(self, sql: str, params: Sequence[Any] = ()) -> list[dict[str, Any]]:
         return list(self.db.query(sql, params))

@@ -216,11 +216,18 @@ class Store:
                 keys.append((run_id, position, line.customer_id, line.meter, line.period, line.klass))
                 yield line.text
 
-        self.backend.executemany(
-            "INSERT INTO run_pages (run_id, first_position, body) VALUES (?, ?, ?)",
-            ((run_id, first, body) for first, body in packed(texts(), self.lines_per_page)),
-        )
-        self.backend.insert_many("run_lines", ("run_id", "position", "customer_id", "meter", "period", "class"), keys)
+        pages: list[tuple[str, int, bytes]] = []
+
+        def rows() -> Iterator[tuple[Any, ...]]:
+            # Making the texts and pages is driven from here, so that it overlaps with the
+            # database's insert of the rows given so far (Backend.insert_many).
+            for first, body in packed(texts(), self.lines_per_page):
+                pages.append((run_id, first, body))
+                yield from _drain(keys)
+            yield from _drain(keys)
+
+        self.backend.insert_many("run_lines", ("run_id", "position", "customer_id", "meter", "period", "class"), rows())
+        self.backend.executemany("INSERT INTO run_pages (run_id, first_position, body) VALUES (?, ?, ?)", pages)
         self._record_discrepancies(run_id, breaks)
         self._watch(run_id, timing)
 
@@ -754,6 +761,12 @@ def _run_values(record: RunRecord) -> list[Any]:
         record.invoice_id,
         record.customer_id,
     ]
+
+
+def _drain(items: list[Any]) -> Iterator[Any]:
+    """The items given so far, in order; the list is emptied (more may be added after)."""
+    given, items[:] = items[:], []
+    return iter(given)
 
 
 def _first_invoice(line: dict[str, Any]) -> str | None:
