@@ -129,10 +129,6 @@ class ReconLine:
     # shares its numbers with other keys (the plain path's memo); None: made from the fields.
     numbers_json: str | None = field(default=None, compare=False, repr=False)
 
-    @property
-    def sort_key(self) -> tuple[str, str, datetime]:
-        return (self.customer_id, self.meter, self.period.start)
-
 
 @dataclass(frozen=True)
 class Report:

@@ -11,7 +11,7 @@ from contextlib import contextmanager
 from rules.classify import judge
 from rules.config import Config
 from rules.match import Joined, KeyFacts, join
-from rules.models import InvoiceLine, MeteredRecord, Period, RawAggregate, ReconLine, Report
+from rules.models import InvoiceLine, MeteredRecord, Period, RawAggregate, Report
 from rules.timeline import Timeline
 
 CALCULATION_VERSION = "1"
@@ -69,10 +69,12 @@ def judge_all(
     verdicts = []
     meters, periods, limit = config.meters, timeline.periods, config.evidence_limit
     memo: dict[tuple[object, ...], object] = {}  # plain keys' shared numbers (classify._plain_match)
-    while joined.facts:
-        _, facts = joined.facts.popitem()
+    # Judged in the report's order: a key (customer, meter, period index) sorts as its line
+    # (customer, meter, period start) does, and sorting the keys makes no tuple of its own.
+    facts_of = joined.facts
+    for key in sorted(facts_of):
+        facts = facts_of.pop(key)
         verdicts.append(judge(facts, meters.get(facts.meter), periods[facts.period_index], segments, limit, memo))
-    verdicts.sort(key=ReconLine.sort_key.fget)  # type: ignore[arg-type]
     return Report(run_id=run_id, periods=timeline.periods, lines=tuple(verdicts)), joined
 
 
