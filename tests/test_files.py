@@ -176,3 +176,27 @@ def test_evidence_ids_are_capped_smallest_first(tmp_path):
     (aggregate,) = RawEventsFile(write_csv(tmp_path / "raw.csv", RAW, rows)).aggregate(october(), 3)
     assert aggregate.late_event_ids == ("e00", "e01", "e02")
     assert aggregate.events == 20
+
+
+def test_copies_told_apart_by_a_digit_and_ids_with_any_character(tmp_path):
+    """Copies are grouped by one text of their instants, quantity and id (see aggregate_sql):
+    copies a microsecond or a last digit apart stay apart, an id with commas, quotes or a line
+    break comes back whole."""
+    odd_id = 'a,b\n"c, d'
+    rows = [
+        # the same id and key, received a microsecond apart: the first counts
+        event(odd_id, "0.000000000002", received_at="2026-10-10T12:00:00.000002Z"),
+        event(odd_id, "0.000000000001", received_at="2026-10-10T12:00:00.000001Z"),
+        # the same id, key and instants, two quantities: the smaller counts
+        event("same,time", "3.5"),
+        event("same,time", "3.25"),
+        event("same,time", "3.25"),
+        # late, with a comma in its id
+        event("late,1", "1", timestamp="2026-10-30T00:00:00Z", received_at="2026-11-20T00:00:00Z"),
+    ]
+    aggregates = RawEventsFile(write_csv(tmp_path / "raw.csv", RAW, rows)).aggregate(october(), 10)
+    on_time, late = sorted(aggregates, key=lambda a: a.receiving is not None)
+    assert on_time.quantity == Decimal("3.250000000001")
+    assert (on_time.events, on_time.dropped_copies, on_time.conflicting_copies) == (2, 3, 2)
+    assert on_time.duplicate_event_ids == tuple(sorted((odd_id, "same,time")))
+    assert (late.quantity, late.events, late.late_event_ids) == (Decimal(1), 1, ("late,1",))
