@@ -574,6 +574,7 @@ def aggregate_sql(relation: str, types: dict[str, str], timeline: Timeline, evid
         )
     ),
     copies AS (
+        -- Each copy back as a row, as many times as its group counted it.
         SELECT trimmed_customer AS customer_id, trimmed_meter AS meter, segment_no, receiving,
             CAST(f.ts AS TIMESTAMPTZ) AS ts, CAST(NULLIF(f.rcv, '') AS TIMESTAMPTZ) AS rcv,
             CAST(f.qty AS {QUANTITY}) AS qty, f.id AS event_id
@@ -641,7 +642,7 @@ def aggregate_sql(relation: str, types: dict[str, str], timeline: Timeline, evid
         FULL JOIN other_sums AS c ON u.customer_id = c.customer_id AND u.meter = c.meter
             AND u.segment_no = c.segment_no AND u.receiving IS NOT DISTINCT FROM c.receiving
     )
-    -- The fields of RawAggregate, in its order, and whether a row was bad.
+    -- The fields of RawAggregate, in its order, and whether a row was bad (or a key blank).
     SELECT
         customer_id, meter, CASE WHEN segment_no >= 0 THEN segment_no END AS segment, receiving,
         quantity::VARCHAR AS quantity, events::BIGINT AS events,
