@@ -495,17 +495,22 @@ def _row_checks(columns: dict[str, str]) -> list[tuple[str, str]]:
     ]
 
 
-# The sums of a group of rows: of the rows whose event id is unique, and of the first copies.
+# The sums of a group of rows whose event id is unique.
 _SUMS = """sum(qty) AS quantity,
             count(*) AS events,
             list(event_id) FILTER (WHERE receiving IS NOT NULL) AS late_ids,
             list(origin) FILTER (WHERE origin IS NOT NULL) AS origins"""
+# The keys that aggregate_sql trims per group, after the sums, rather than row by row.
+_KEY_NAMES = ("customer_id", "meter")
 
 
 def aggregate_sql(relation: str, types: dict[str, str], timeline: Timeline, evidence_limit: int, zone: str) -> str:
     """One query: validate, deduplicate by event_id, bucket on the timeline, sum."""
-    columns = _event_columns(types)
-    bad = " OR ".join(test for _, test in _row_checks(columns))
+    # customer_id and meter are grouped as written and trimmed per group, after the sums: the
+    # test of whether to trim cost some 6% of the query row by row, and a file repeats each key
+    # over many rows. Their blank values (bad rows) are found there too: per group, per copy.
+    columns = {**_event_columns(types), **{name: f"CAST({_ident(name)} AS VARCHAR)" for name in _KEY_NAMES}}
+    bad = " OR ".join(test for name, test in _row_checks(columns) if name not in _KEY_NAMES)
     start, end = _ts(timeline.start), _ts(timeline.end)
     first_window, last_window = _ts(timeline.start + timeline.grace), _ts(timeline.end + timeline.grace)
     period = _bucket("ts", [p.end for p in timeline.periods], timeline.start)
@@ -513,6 +518,7 @@ def aggregate_sql(relation: str, types: dict[str, str], timeline: Timeline, evid
     window = _window("rcv", timeline)
     limit = max(evidence_limit, 0)
     key = ("customer_id", "meter", "segment_no", "receiving")
+    customer, meter = _trimmed("customer_id"), _trimmed("meter")
     # The file is read twice: once for the hashes of the event ids seen more than once, then for
     # everything else. A hash collision only sends a row down the path of the copies, where rows
     # are told apart by their exact id, so the result does not depend on it.
@@ -549,32 +555,72 @@ def aggregate_sql(relation: str, types: dict[str, str], timeline: Timeline, evid
         FROM placed
     ),
     groups AS MATERIALIZED (
-        -- One pass over the rows: those with a unique id are summed by key; the others are
-        -- grouped by their exact (trimmed) id as well, each group listing its copies.
-        SELECT
-            {", ".join(key)}, CASE WHEN is_copy THEN event_id END AS copy_of,
-            {_SUMS},
-            list(struct_pack(event_id, customer_id, meter, segment_no, receiving, origin, qty, ts, rcv))
-                FILTER (WHERE is_copy) AS copies
-        FROM flagged
-        GROUP BY ALL
+        -- One pass over the rows: those with a unique id are summed by key. A copy is keyed by
+        -- `copy_key` as well, its instants, quantity and id in one text, so its group holds only
+        -- copies equal to it, which come back one by one below (a list of each group's copies
+        -- cost some 8% of the query: every row was packed for it). The id goes last, after
+        -- three fields without commas, as it may hold any character. The keys are trimmed here,
+        -- after the sums. `events > 0` (always true) keeps the optimizer from moving the tests
+        -- on these columns below the GROUP BY, where they would run on every row.
+        SELECT * EXCLUDE (copy_key), CASE WHEN events > 0 THEN copy_key END AS copy_key,
+            CASE WHEN events > 0 THEN {customer} END AS trimmed_customer,
+            CASE WHEN events > 0 THEN {meter} END AS trimmed_meter
+        FROM (
+            SELECT {", ".join(key)},
+                CASE WHEN is_copy THEN concat(ts, ',', rcv, ',', qty, ',', event_id) END AS copy_key,
+                {_SUMS}
+            FROM flagged
+            GROUP BY ALL
+        )
+    ),
+    copies AS (
+        -- Each copy back as a row, as many times as its group counted it.
+        SELECT trimmed_customer AS customer_id, trimmed_meter AS meter, segment_no, receiving,
+            CAST(f.ts AS TIMESTAMPTZ) AS ts, CAST(NULLIF(f.rcv, '') AS TIMESTAMPTZ) AS rcv,
+            CAST(f.qty AS {QUANTITY}) AS qty, f.id AS event_id
+        FROM (
+            SELECT *, regexp_extract(copy_key, '(?s)^([^,]*),([^,]*),([^,]*),(.*)$', ['ts', 'rcv', 'qty', 'id']) AS f,
+                unnest(range(events))
+            FROM groups WHERE copy_key IS NOT NULL
+        )
     ),
     ranked AS (
-        -- The copies of each id, first received first.
+        -- The copies of each id, first received first. Copies with a blank key are bad,
+        -- ranked apart: one at least comes out.
         SELECT *,
+            CASE WHEN segment_no = -1 THEN strftime(timezone({_quote_literal(zone)}, ts), '%Y-%m') END AS origin,
             row_number() OVER (same_id ORDER BY coalesce(rcv, ts), qty, customer_id, meter, ts) AS copy,
             count(*) OVER same_id AS copies,
             min(qty) OVER same_id <> max(qty) OVER same_id AS conflict
-        FROM (SELECT unnest(copy) FROM (SELECT unnest(copies) AS copy FROM groups WHERE copies IS NOT NULL))
-        WINDOW same_id AS (PARTITION BY event_id)
+        FROM copies
+        WINDOW same_id AS (PARTITION BY event_id, customer_id IS NULL OR meter IS NULL)
     ),
-    copy_sums AS (
-        -- The first received copy of each id counts; the others are counted and listed.
-        SELECT {", ".join(key)}, {_SUMS},
-            list(event_id) FILTER (WHERE copies > 1) AS dup_ids,
-            sum(copies - 1) AS dropped_copies,
-            count(*) FILTER (WHERE conflict) AS conflicts
-        FROM ranked WHERE copy = 1
+    plain AS (
+        -- The groups of the rows whose event id is unique.
+        SELECT * FROM groups WHERE copy_key IS NULL
+    ),
+    other_sums AS (
+        -- The first received copy of each id counts, the others are counted and listed; with
+        -- them, the groups whose keys were not as written (trimmed, they may now share their
+        -- key with other groups): summed by key.
+        SELECT {", ".join(key)}, sum(quantity) AS quantity, sum(events) AS events,
+            flatten(list(late_ids) FILTER (WHERE late_ids IS NOT NULL)) AS late_ids,
+            list(dup_id) FILTER (WHERE dup_id IS NOT NULL) AS dup_ids,
+            sum(dropped) AS dropped_copies,
+            count(*) FILTER (WHERE conflict) AS conflicts,
+            flatten(list(origins) FILTER (WHERE origins IS NOT NULL)) AS origins
+        FROM (
+            SELECT {", ".join(key)}, qty AS quantity, 1 AS events,
+                CASE WHEN receiving IS NOT NULL THEN [event_id] END AS late_ids,
+                CASE WHEN origin IS NOT NULL THEN [origin] END AS origins,
+                CASE WHEN copies > 1 THEN event_id END AS dup_id, copies - 1 AS dropped, conflict
+            FROM ranked WHERE copy = 1
+            UNION ALL
+            SELECT trimmed_customer, trimmed_meter, segment_no, receiving, quantity, events,
+                late_ids, origins, NULL, 0, false
+            FROM plain
+            WHERE trimmed_customer IS DISTINCT FROM customer_id OR trimmed_meter IS DISTINCT FROM meter
+        )
         GROUP BY ALL
     ),
     sums AS (
@@ -589,21 +635,24 @@ def aggregate_sql(relation: str, types: dict[str, str], timeline: Timeline, evid
             coalesce(c.dropped_copies, 0) AS dropped_copies,
             coalesce(c.conflicts, 0) AS conflicts,
             CASE WHEN c.origins IS NULL THEN u.origins ELSE list_concat(u.origins, c.origins) END AS origins
-        FROM (SELECT * FROM groups WHERE copies IS NULL) AS u
-        FULL JOIN copy_sums AS c ON u.customer_id = c.customer_id AND u.meter = c.meter
+        FROM (
+            SELECT * FROM plain
+            WHERE trimmed_customer IS NOT DISTINCT FROM customer_id AND trimmed_meter IS NOT DISTINCT FROM meter
+        ) AS u
+        FULL JOIN other_sums AS c ON u.customer_id = c.customer_id AND u.meter = c.meter
             AND u.segment_no = c.segment_no AND u.receiving IS NOT DISTINCT FROM c.receiving
     )
-    -- The fields of RawAggregate, in its order, and whether a row was bad.
+    -- The fields of RawAggregate, in its order, and whether a row was bad (or a key blank).
     SELECT
         customer_id, meter, CASE WHEN segment_no >= 0 THEN segment_no END AS segment, receiving,
-        quantity::VARCHAR AS quantity, events,
+        quantity::VARCHAR AS quantity, events::BIGINT AS events,
         list_slice(list_sort(late_ids), 1, {limit}) AS late_event_ids,
         list_slice(list_sort(dup_ids), 1, {limit}) AS duplicate_event_ids,
         dropped_copies::BIGINT AS dropped_copies, conflicts AS conflicting_copies,
         list_sort(list_distinct(origins)) AS origin_periods,
-        segment_no = -3 AS has_bad
+        segment_no = -3 OR customer_id IS NULL OR meter IS NULL AS has_bad
     FROM sums
-    WHERE segment_no IS DISTINCT FROM -2
+    WHERE segment_no IS DISTINCT FROM -2 OR customer_id IS NULL OR meter IS NULL
     ORDER BY {", ".join(key)}  -- the report's order, so sorting it is cheap
     """
 

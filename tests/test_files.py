@@ -99,6 +99,29 @@ def test_a_bad_raw_row_names_file_line_and_field(tmp_path, row, message):
     assert str(caught.value) == f"{path}: {message}" or str(caught.value).startswith(f"{path}: {message}")
 
 
+@pytest.mark.parametrize(
+    ("row", "message"),
+    [
+        # a blank key on the copy that is dropped, on a late event, before and outside the run
+        (event("e1", 1, customer="  ", received_at="2026-10-10T13:00:00Z"), "line 3: customer_id: is empty"),
+        (event("e9", 1, meter="\u00a0", received_at="2026-11-20T00:00:00Z"), "line 3: meter: is empty"),
+        (
+            event("e9", 1, customer=" ", timestamp="2026-09-30T00:00:00Z", received_at="2026-10-05T00:00:00Z"),
+            "line 3: customer_id: is empty",
+        ),
+        (event("e9", 1, meter="", timestamp="2026-12-05T00:00:00Z"), "line 3: meter: is empty"),
+        (event(" ", 1), "line 3: event_id: is empty"),
+    ],
+)
+def test_a_blank_key_stops_the_run_wherever_its_row_falls(tmp_path, row, message):
+    """customer_id and meter are trimmed per group and per copy, not per row (see
+    aggregate_sql): a blank one still stops the run, whichever way its row goes."""
+    path = write_csv(tmp_path / "raw.csv", RAW, [event("e1", 1, received_at="2026-10-10T12:00:00Z"), row])
+    with pytest.raises(InputError) as caught:
+        RawEventsFile(path).aggregate(october(), 10)
+    assert str(caught.value).startswith(f"{path}: {message}")
+
+
 def test_a_bad_jsonl_row_is_named_by_its_line_even_as_a_duplicate(tmp_path):
     path = tmp_path / "raw.jsonl"
     good = dict(zip(RAW, event("e1", "1"), strict=True))
@@ -176,3 +199,64 @@ def test_evidence_ids_are_capped_smallest_first(tmp_path):
     (aggregate,) = RawEventsFile(write_csv(tmp_path / "raw.csv", RAW, rows)).aggregate(october(), 3)
     assert aggregate.late_event_ids == ("e00", "e01", "e02")
     assert aggregate.events == 20
+
+
+# Duplicates, conflicting copies, late events, catch-up events and events outside the run, of
+# two customers and two meters.
+MIXED_ROWS = [
+    event("e1", "1.5"),
+    event("e2", "2.25", customer="cus_b"),
+    event("e3", 4, meter="sms"),
+    event("dup", 7, received_at="2026-10-10T12:05:00Z"),
+    event("dup", 7, received_at="2026-10-10T12:09:00Z"),
+    event("clash", 3, received_at="2026-10-11T00:10:00Z"),
+    event("clash", 5, customer="cus_b", received_at="2026-10-11T00:01:00Z"),
+    event("late1", 1, timestamp="2026-10-30T00:00:00Z", received_at="2026-11-20T00:00:00Z"),
+    event("late2", 2, timestamp="2026-10-30T00:00:00Z", received_at="2026-11-20T00:00:00Z", meter="sms"),
+    event("late2", 2, timestamp="2026-10-30T00:00:00Z", received_at="2026-11-21T00:00:00Z", meter="sms"),
+    event("sep1", 10, timestamp="2026-09-29T00:00:00Z", received_at="2026-10-05T00:00:00Z"),
+    event("sep1", 10, timestamp="2026-08-31T23:00:00Z", received_at="2026-10-06T00:00:00Z"),
+    event("dec", 100, timestamp="2026-12-05T00:00:00Z"),
+    *[event(f"n{i}", i, customer=f"cus_{'ab'[i % 2]}", meter=["api_calls", "sms"][i % 3 == 0]) for i in range(12)],
+]
+
+
+def test_keys_and_ids_written_with_spaces_give_the_same_aggregates(tmp_path):
+    """Every other row's id, customer and meter padded with spaces (ASCII and Unicode): the
+    padded keys meet the plain ones, the padded ids are copies of the plain ones."""
+    pads = [(" ", ""), ("", "\u00a0"), ("\u3000", " ")]
+    padded = [
+        [f"{pads[i // 2 % 3][0]}{v}{pads[i // 2 % 3][1]}" if c < 3 and i % 2 else v for c, v in enumerate(row)]
+        for i, row in enumerate(MIXED_ROWS)
+    ]
+    plain_path = write_csv(tmp_path / "plain.csv", RAW, MIXED_ROWS)
+    padded_path = write_csv(tmp_path / "padded.csv", RAW, padded)
+    two_months = build_timeline((month(2026, 10, UTC_ZONE), month(2026, 11, UTC_ZONE)), {}, timedelta(hours=48))
+    for timeline in (october(), two_months):
+        expected = RawEventsFile(plain_path).aggregate(timeline, 10)
+        assert all(any(getattr(a, field) for a in expected) for field in ("duplicate_event_ids", "origin_periods"))
+        assert RawEventsFile(padded_path).aggregate(timeline, 10) == expected
+
+
+def test_copies_told_apart_by_a_digit_and_ids_with_any_character(tmp_path):
+    """Copies are grouped by one text of their instants, quantity and id (see aggregate_sql):
+    copies a microsecond or a last digit apart stay apart, an id with commas, quotes or a line
+    break comes back whole."""
+    odd_id = 'a,b\n"c, d'
+    rows = [
+        # the same id and key, received a microsecond apart: the first counts
+        event(odd_id, "0.000000000002", received_at="2026-10-10T12:00:00.000002Z"),
+        event(odd_id, "0.000000000001", received_at="2026-10-10T12:00:00.000001Z"),
+        # the same id, key and instants, two quantities: the smaller counts
+        event("same,time", "3.5"),
+        event("same,time", "3.25"),
+        event("same,time", "3.25"),
+        # late, with a comma in its id
+        event("late,1", "1", timestamp="2026-10-30T00:00:00Z", received_at="2026-11-20T00:00:00Z"),
+    ]
+    aggregates = RawEventsFile(write_csv(tmp_path / "raw.csv", RAW, rows)).aggregate(october(), 10)
+    on_time, late = sorted(aggregates, key=lambda a: a.receiving is not None)
+    assert on_time.quantity == Decimal("3.250000000001")
+    assert (on_time.events, on_time.dropped_copies, on_time.conflicting_copies) == (2, 3, 2)
+    assert on_time.duplicate_event_ids == tuple(sorted((odd_id, "same,time")))
+    assert (late.quantity, late.events, late.late_event_ids) == (Decimal(1), 1, ("late,1",))
