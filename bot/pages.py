@@ -13,13 +13,17 @@ from __future__ import annotations
 
 import zlib
 from collections import deque
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
-from itertools import islice
+from itertools import count, islice
+from typing import TypeVar
 
 LINES_PER_PAGE = 1_000
 LEVEL = 1  # zlib's quickest: 19x on report lines; level 6 gains a third more at 2.6 times the time
-AHEAD = 4  # pages compressing at once, at most (the rest wait as text)
+AHEAD = 4  # pages (de)compressing at once, at most (the rest wait)
+
+T = TypeVar("T")
+R = TypeVar("R")
 
 
 def pack(texts: list[str]) -> bytes:
@@ -37,29 +41,25 @@ def unpack_text(body: bytes) -> str:
 
 def packed(texts: Iterable[str], size: int = LINES_PER_PAGE) -> Iterator[tuple[int, bytes]]:
     """`texts` in pages of `size` lines, as (position of the page's first line, compressed page),
-    in order; each page is compressed on a worker thread while the next one is gathered."""
+    in order; pages are compressed on a worker thread while the next ones are gathered."""
     lines = iter(texts)
-    pending: deque[tuple[int, Future[bytes]]] = deque()
-    first = 0
-    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="pages") as pool:
-        while chunk := list(islice(lines, size)):
-            pending.append((first, pool.submit(pack, chunk)))
-            first += len(chunk)
-            if len(pending) > AHEAD:
-                start, body = pending.popleft()
-                yield start, body.result()
-        while pending:
-            start, body = pending.popleft()
-            yield start, body.result()
+    pages = iter(lambda: list(islice(lines, size)), [])
+    return zip(count(0, size), _ahead(pack, pages), strict=False)  # every page but the last is full
 
 
 def unpacked(bodies: Iterable[bytes]) -> Iterator[str]:
     """Each page's text (`unpack_text`), in order, decompressed on a worker thread a few pages
     ahead of the reader."""
-    pending: deque[Future[str]] = deque()
+    return _ahead(unpack_text, bodies)
+
+
+def _ahead(work: Callable[[T], R], items: Iterable[T]) -> Iterator[R]:
+    """`work(item)` for each item, in order, done on a worker thread up to AHEAD items ahead of
+    the one given (zlib lets go of the GIL, so it runs beside the caller's own work)."""
+    pending: deque[Future[R]] = deque()
     with ThreadPoolExecutor(max_workers=1, thread_name_prefix="pages") as pool:
-        for body in bodies:
-            pending.append(pool.submit(unpack_text, body))
+        for item in items:
+            pending.append(pool.submit(work, item))
             if len(pending) > AHEAD:
                 yield pending.popleft().result()
         while pending:

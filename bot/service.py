@@ -46,11 +46,10 @@ class RunResult:
     verdicts: Report | None = None
 
     def texts(self, breaks_only: bool = False) -> Iterator[str]:
-        """Each line's compact JSON text (`rules.report.line_text`); `breaks_only`: the lines
-        that are not matches."""
+        """Each line's compact JSON text (as `rules.report.line_text` writes it); `breaks_only`:
+        the lines that are not matches."""
         if self.verdicts is not None:
-            verdicts = self.verdicts
-            lines = verdicts.lines
+            lines = self.verdicts.lines
             return map(LineWriter(), (ln for ln in lines if ln.klass != "match") if breaks_only else lines)
         assert self.store is not None
         return self.store.line_texts(self.head["run_id"], breaks_only=breaks_only)

@@ -91,11 +91,7 @@ def line_json(line: ReconLine, _periods: dict[int, tuple[str, str, str]] | None 
         shown = (period.label, period.start.isoformat(), period.end.isoformat())
         if _periods is not None:
             _periods[id(period)] = shown
-    values = _numbers(line)
-    texts = list(map(str, values))  # what number() gives, unless an exponent or a minus sign shows
-    joined = "".join(texts)
-    if "E" in joined or "-" in joined:
-        texts = list(map(number, values))
+    texts = number_texts(_numbers(line))
     evidence = line.evidence
     shown_line = {
         "customer_id": line.customer_id,
@@ -136,11 +132,16 @@ _LINE_TEMPLATE = (  # line_json's keys in its order; each %s is a value's JSON t
 def numbers_json(values: tuple[Decimal, ...]) -> str:
     """The numbers' part of a line's JSON text (`"raw_units":"108",...,"delta_amount":"0.00"`),
     for `values` in NUMBER_FIELDS order."""
-    texts = tuple(map(str, values))  # what number() gives, unless an exponent or a minus sign shows
+    return _NUMBERS_TEMPLATE % number_texts(values)
+
+
+def number_texts(values: tuple[Decimal, ...]) -> tuple[str, ...]:
+    """`number()` of each value, made by `str()` unless an exponent or a minus sign shows."""
+    texts = tuple(map(str, values))
     joined = "".join(texts)
     if "E" in joined or "-" in joined:
         texts = tuple(map(number, values))
-    return _NUMBERS_TEMPLATE % texts
+    return texts
 
 
 def _json(value: Any) -> str:
