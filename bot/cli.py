@@ -115,16 +115,23 @@ def reconcile(
     periods = parse_periods(period, config.period.zone) if period else None
     store = Store.open(settings.database_url)
     platform = billing_platform(config, billing, metered, invoiced)
-    if platform is None:
-        sources = resolve_sources(config, config_path, raw, metered, invoiced)
-        result = reconcile_files(config, sources, periods, store, frozenset(customers), progress_bar())
-    else:
-        if periods is None:
-            raise ConfigError(f"--period: required when reading from {platform} (e.g. --period 2026-10)")
-        raw_path = resolve_raw(config, config_path, raw)
-        connector = platform_connector(settings, config, platform)
-        result = reconcile_platform(config, raw_path, connector, periods, store, frozenset(customers), progress_bar())
-    write_report(result, fmt, out, show_all, limit)
+    # JSON is written as the run is stored, and delivered once it is committed (render.JsonSpool).
+    with render.JsonSpool(out) if fmt == "json" else contextlib.nullcontext() as spool:
+        if platform is None:
+            sources = resolve_sources(config, config_path, raw, metered, invoiced)
+            result = reconcile_files(config, sources, periods, store, frozenset(customers), progress_bar(), spool)
+        else:
+            if periods is None:
+                raise ConfigError(f"--period: required when reading from {platform} (e.g. --period 2026-10)")
+            raw_path = resolve_raw(config, config_path, raw)
+            connector = platform_connector(settings, config, platform)
+            result = reconcile_platform(
+                config, raw_path, connector, periods, store, frozenset(customers), progress_bar(), spool
+            )
+        if spool is not None and spool.complete:
+            spool.deliver()
+        else:  # a run stored before: its report is read back from the store
+            write_report(result, fmt, out, show_all, limit)
     if route:
         from bot.runtime import build_router
 

@@ -27,7 +27,12 @@ R = TypeVar("R")
 
 
 def pack(texts: list[str]) -> bytes:
-    return zlib.compress("\n".join(texts).encode(), LEVEL)
+    return compress("\n".join(texts))
+
+
+def compress(page: str) -> bytes:
+    """A page's text (its lines joined by newlines), compressed."""
+    return zlib.compress(page.encode(), LEVEL)
 
 
 def unpack(body: bytes) -> list[str]:
@@ -39,12 +44,25 @@ def unpack_text(body: bytes) -> str:
     return zlib.decompress(body).decode()
 
 
-def packed(texts: Iterable[str], size: int = LINES_PER_PAGE) -> Iterator[tuple[int, bytes]]:
+def packed(
+    texts: Iterable[str], size: int = LINES_PER_PAGE, seen: Callable[[str], object] | None = None
+) -> Iterator[tuple[int, bytes]]:
     """`texts` in pages of `size` lines, as (position of the page's first line, compressed page),
-    in order; pages are compressed on a worker thread while the next ones are gathered."""
+    in order; pages are compressed on a worker thread while the next ones are gathered.
+    `seen`, when given, is handed each page's text (its lines joined by newlines) in order,
+    before the page is compressed: a writer that needs the same texts gets them without
+    decompressing them again."""
     lines = iter(texts)
-    pages = iter(lambda: list(islice(lines, size)), [])
-    return zip(count(0, size), _ahead(pack, pages), strict=False)  # every page but the last is full
+    pages = map("\n".join, iter(lambda: list(islice(lines, size)), []))
+    if seen is not None:
+        pages = _observed(pages, seen)
+    return zip(count(0, size), _ahead(compress, pages), strict=False)  # every page but the last is full
+
+
+def _observed(items: Iterable[T], seen: Callable[[T], object]) -> Iterator[T]:
+    for item in items:
+        seen(item)
+        yield item
 
 
 def unpacked(bodies: Iterable[bytes]) -> Iterator[str]:

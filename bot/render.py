@@ -5,8 +5,13 @@ from __future__ import annotations
 import csv
 import io
 import json
+import os
+import shutil
+import sys
+import tempfile
 from collections.abc import Iterable, Iterator
 from itertools import islice
+from pathlib import Path
 from typing import Any, TextIO
 
 import orjson
@@ -63,14 +68,81 @@ def json_pieces(head: dict[str, Any], lines: Iterable[str]) -> Iterator[str]:
     """The text of `write_json`, piece by piece (an HTTP response streams them). An item of
     `lines` may be a block of several line texts joined by newlines (`Store.line_blocks`): it
     is written in one step (a line's text never holds a newline of its own)."""
-    text = json_text({**head, "lines": []})
-    assert text.endswith(_NO_LINES)
-    yield text[: -len("[]\n}")]
-    opening = "[\n    "
-    for block in lines:
-        yield opening + block.replace("\n", ",\n    ")
-        opening = ",\n    "
-    yield "[]\n}\n" if opening.startswith("[") else "\n  ]\n}\n"
+    pieces = JsonPieces(head)
+    yield pieces.opening
+    yield from map(pieces.block, lines)
+    yield pieces.closing()
+
+
+class JsonPieces:
+    """The pieces of `write_json`'s text for one report: its opening (the head), then each block
+    of line texts in order, then its closing."""
+
+    def __init__(self, head: dict[str, Any]) -> None:
+        text = json_text({**head, "lines": []})
+        assert text.endswith(_NO_LINES)
+        self.opening = text[: -len("[]\n}")]
+        self._separator = "[\n    "
+
+    def block(self, lines: str) -> str:
+        """A block of line texts joined by newlines, as it stands in the report."""
+        piece = self._separator + lines.replace("\n", ",\n    ")
+        self._separator = ",\n    "
+        return piece
+
+    def closing(self) -> str:
+        return "[]\n}\n" if self._separator.startswith("[") else "\n  ]\n}\n"
+
+
+class JsonSpool:
+    """The JSON report written while the run's lines are stored, from the same texts and in the
+    same pass (`Store.save_run`'s `seen`), instead of read back from the store afterwards.
+
+    It is written to a temporary file (beside `out`, or in the temporary folder for stdout)
+    and delivered only once the run is committed: moved into place, or copied to stdout. A run
+    that fails to store leaves no report behind, and a partial report is never printed.
+    Used as a context manager, which removes the temporary file if it was not delivered."""
+
+    def __init__(self, out: Path | None) -> None:
+        self.out = out
+        handle, name = tempfile.mkstemp(prefix=".recon-report-", suffix=".json", dir=out.parent if out else None)
+        self.path = Path(name)
+        self._file: TextIO = os.fdopen(handle, "w", encoding="utf-8")
+        self._pieces: JsonPieces | None = None
+        self.complete = False
+
+    def begin(self, head: dict[str, Any]) -> None:
+        self._pieces = JsonPieces(head)
+        self._file.write(self._pieces.opening)
+
+    def page(self, lines: str) -> None:
+        """One page of line texts joined by newlines (`bot.pages.packed`'s `seen`)."""
+        assert self._pieces is not None, "begin() first"
+        self._file.write(self._pieces.block(lines))
+
+    def finish(self) -> None:
+        assert self._pieces is not None, "begin() first"
+        self._file.write(self._pieces.closing())
+        self._file.close()
+        self.complete = True
+
+    def deliver(self) -> None:
+        """The finished report to its place: `out`, or stdout."""
+        assert self.complete, "finish() first"
+        if self.out is not None:
+            os.replace(self.path, self.out)
+            return
+        sys.stdout.flush()
+        with self.path.open("rb") as spooled:
+            shutil.copyfileobj(spooled, sys.stdout.buffer, 1 << 20)
+        sys.stdout.buffer.flush()
+
+    def __enter__(self) -> JsonSpool:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._file.close()
+        self.path.unlink(missing_ok=True)
 
 
 def as_csv(report: dict[str, Any]) -> str:

@@ -10,8 +10,7 @@ from decimal import Decimal
 from pathlib import Path
 from typing import Any
 
-import orjson
-
+from bot.render import JsonSpool
 from bot.store import RunRecord, Store
 from connectors.base import InvoiceBilling, period_records
 from connectors.files import FileBilling, RawEventsFile
@@ -21,7 +20,7 @@ from rules.match import Joined, add_raw, join_billing
 from rules.models import InvoiceLine, MeteredRecord, Period, RawAggregate, Report
 from rules.periods import infer_periods, label_for
 from rules.reconcile import CALCULATION_VERSION, judge_all, reconcile, run_id_for, without_cyclic_gc
-from rules.report import LineWriter, StoredLine, report_head, report_json, stored_lines
+from rules.report import LineWriter, StoredLine, parse_line, report_head, report_json, stored_lines
 from rules.timeline import build_timeline
 
 
@@ -63,7 +62,7 @@ class RunResult:
         return self.store.line_blocks(self.head["run_id"])
 
     def lines(self, breaks_only: bool = False) -> Iterator[dict[str, Any]]:
-        return map(orjson.loads, self.texts(breaks_only))
+        return map(parse_line, self.texts(breaks_only))
 
     @property
     def report(self) -> dict[str, Any]:
@@ -77,9 +76,11 @@ def reconcile_files(
     store: Store | None,
     customers: frozenset[str] = frozenset(),
     progress: Callable[..., Any] | None = None,
+    spool: JsonSpool | None = None,
 ) -> RunResult:
     """Reconcile the three files over `periods` (by default, the periods the records name);
-    store the run unless it is stored already."""
+    store the run unless it is stored already. `spool` is written the JSON report as the run
+    is stored (it is left incomplete when the run was stored already)."""
     raw = raw_source(sources.raw, Path("."), config)
     billing = FileBilling(sources.metered, sources.invoiced)
     with without_cyclic_gc(), ThreadPoolExecutor(max_workers=2) as pool:
@@ -100,7 +101,7 @@ def reconcile_files(
         def fingerprints() -> dict[str, str]:
             return hashed.result() | ({} if early else {"raw": raw.fingerprint()})
 
-        return _reconcile(config, scan.result, billed, periods, fingerprints, store, customers)
+        return _reconcile(config, scan.result, billed, periods, fingerprints, store, customers, spool)
 
 
 def reconcile_platform(
@@ -111,9 +112,11 @@ def reconcile_platform(
     store: Store | None,
     customers: frozenset[str] = frozenset(),
     progress: Callable[..., Any] | None = None,
+    spool: JsonSpool | None = None,
 ) -> RunResult:
     """Reconcile raw events (files or a database) against a platform's metered units and invoice
-    lines for `periods`, read invoice by invoice through the platform's API (`period_records`)."""
+    lines for `periods`, read invoice by invoice through the platform's API (`period_records`);
+    `spool` as in `reconcile_files`."""
     raw = raw_source(raw_spec, Path("."), config)
     metered: list[MeteredRecord] = []
     lines: list[InvoiceLine] = []
@@ -129,7 +132,7 @@ def reconcile_platform(
     with without_cyclic_gc():
         billed = _join_billing(config, Records(metered, lines), periods, customers)
         aggregates = _aggregate(config, raw, periods, progress)
-        return _reconcile(config, lambda: aggregates, billed, periods, fingerprints, store, customers)
+        return _reconcile(config, lambda: aggregates, billed, periods, fingerprints, store, customers, spool)
 
 
 @dataclass
@@ -154,9 +157,10 @@ def _reconcile(
     fingerprints: Callable[[], dict[str, str]],
     store: Store | None,
     customers: frozenset[str],
+    spool: JsonSpool | None,
 ) -> RunResult:
     """The raw aggregates (`aggregates()` waits for a scan under way) joined with the billing
-    side's keys, judged, and stored."""
+    side's keys, judged, and stored (and written to `spool` as they are stored)."""
     timeline = build_timeline(periods, config.meters, config.period.grace)
     joined = add_raw(billed, timeline, _drain(aggregates()), customers)
     inputs = fingerprints()
@@ -165,7 +169,12 @@ def _reconcile(
     head = report_head(report, _scope(joined))
     if store is None:
         return RunResult(head=head, store=None, verdicts=report)
-    stored = save(store, head, stored_lines(report), config, inputs, periods, customers)
+    if spool is not None:
+        spool.begin(head)
+    seen = spool.page if spool is not None else None
+    stored = save(store, head, stored_lines(report), config, inputs, periods, customers, seen=seen)
+    if stored and spool is not None:
+        spool.finish()
     return RunResult(head=head, store=store, stored=stored)
 
 
@@ -272,6 +281,7 @@ def save(
     periods: tuple[Period, ...],
     customers: frozenset[str],
     invoice_id: str | None = None,
+    seen: Callable[[str], object] | None = None,
 ) -> bool:
     label = periods[0].label if len(periods) == 1 else f"{periods[0].label}..{periods[-1].label}"
     record = RunRecord(
@@ -286,6 +296,6 @@ def save(
         invoice_id=invoice_id,
         customer_id=next(iter(customers)) if len(customers) == 1 else None,
     )
-    stored = store.save_run(record, head["summary"], lines)
+    stored = store.save_run(record, head["summary"], lines, seen)
     store.recheck_watchlist(record.run_id, config.period.escalate_after)
     return stored

@@ -23,7 +23,7 @@ from typing import Any
 
 from bot.database import Backend, DatabaseError, open_backend
 from bot.pages import LINES_PER_PAGE, pack, packed, unpack, unpacked
-from rules.report import StoredLine
+from rules.report import StoredLine, parse_line
 
 INBOX_STATES = ("pending", "processing", "done", "ignored", "dead")
 TABLES = (
@@ -145,15 +145,23 @@ class Store:
 
     # -- runs -------------------------------------------------------------------
 
-    def save_run(self, record: RunRecord, summary: dict[str, Any], lines: Iterable[StoredLine]) -> bool:
+    def save_run(
+        self,
+        record: RunRecord,
+        summary: dict[str, Any],
+        lines: Iterable[StoredLine],
+        seen: Callable[[str], object] | None = None,
+    ) -> bool:
         """Store a finished run with its lines and discrepancies; False if it was already done.
 
         A run started earlier (`start_run`) and cut short is completed under the same id.
+        `seen` is handed the stored line texts a page at a time, in order, as they are stored
+        (`bot.pages.packed`); it is not called for a run that was done already.
         """
         if self.run_status(record.run_id) == "done":
             return False
         try:
-            return self._insert_run(record, summary, lines)
+            return self._insert_run(record, summary, lines, seen)
         except self.backend.integrity_error:
             if self.run_status(record.run_id) == "done":
                 return False  # another process finished the same run first
@@ -172,7 +180,13 @@ class Store:
         row = self.backend.one("SELECT status FROM runs WHERE run_id = ?", [run_id])
         return row[0] if row else None
 
-    def _insert_run(self, record: RunRecord, summary: dict[str, Any], lines: Iterable[StoredLine]) -> bool:
+    def _insert_run(
+        self,
+        record: RunRecord,
+        summary: dict[str, Any],
+        lines: Iterable[StoredLine],
+        seen: Callable[[str], object] | None,
+    ) -> bool:
         summary_text = json.dumps(summary, sort_keys=True)
         with self.backend.transaction():
             if self.run_status(record.run_id) is not None:
@@ -194,10 +208,12 @@ class Store:
                     f"INSERT INTO runs ({RUN_COLUMNS}) VALUES (?, 'done', ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
                     [record.run_id, now(), *_run_values(record), summary_text],
                 )
-            self._insert_lines(record.run_id, lines)
+            self._insert_lines(record.run_id, lines, seen)
         return True
 
-    def _insert_lines(self, run_id: str, lines: Iterable[StoredLine]) -> None:
+    def _insert_lines(
+        self, run_id: str, lines: Iterable[StoredLine], seen: Callable[[str], object] | None = None
+    ) -> None:
         """The run's lines in one pass (they may be made one at a time): their texts in compressed
         pages, each line's key and class in run_lines (the index), then the run's discrepancies
         and timing items, in the order of the lines."""
@@ -208,7 +224,7 @@ class Store:
         def texts() -> Iterator[str]:
             for position, line in enumerate(lines):
                 if line.followed:  # a discrepancy, a timing item, or a line clearing one: read it
-                    shown = json.loads(line.text)
+                    shown = parse_line(line.text)
                     if line.klass != "match":
                         breaks.append(shown)
                     if line.klass == "timing" or shown["evidence"]["clears"]:
@@ -221,7 +237,7 @@ class Store:
         def rows() -> Iterator[tuple[Any, ...]]:
             # Making the texts and pages is driven from here, so that it overlaps with the
             # database's insert of the rows given so far (Backend.insert_many).
-            for first, body in packed(texts(), self.lines_per_page):
+            for first, body in packed(texts(), self.lines_per_page, seen):
                 pages.append((run_id, first, body))
                 yield from _drain(keys)
             yield from _drain(keys)
@@ -265,7 +281,7 @@ class Store:
         head = self.run_head(run_id)
         if head is None:
             return None
-        return {**head, "lines": [json.loads(text) for text in self.line_texts(run_id)]}
+        return {**head, "lines": [parse_line(text) for text in self.line_texts(run_id)]}
 
     def run_head(self, run_id: str) -> dict[str, Any] | None:
         """The run's report without its lines (`line_texts` gives them), or None."""
@@ -327,7 +343,7 @@ class Store:
             yield page[position - first]
 
     def _line_at(self, run_id: str, position: int) -> dict[str, Any]:
-        return json.loads(next(self._texts_at(run_id, [position])))
+        return parse_line(next(self._texts_at(run_id, [position])))
 
     def list_runs(self, filters: dict[str, str], limit: int = 100) -> list[dict[str, Any]]:
         """Runs, newest first, filtered by invoice_id, customer_id, period and status."""
@@ -599,7 +615,7 @@ class Store:
             for run_id, positions in by_run.items()
             for position, text in zip(sorted(positions), self._texts_at(run_id, sorted(positions)), strict=True)
         }
-        return [json.loads(texts[latest[key]]) for key in sorted(latest)]
+        return [parse_line(texts[latest[key]]) for key in sorted(latest)]
 
     def run_provider(self, run_id: str) -> str | None:
         """The platform whose event made the run (`stripe`, `orb`), if an event made it."""

@@ -76,6 +76,15 @@ def line_text(line: dict[str, Any]) -> str:
         return json.dumps(line, separators=(",", ":"))
 
 
+def parse_line(text: str) -> dict[str, Any]:
+    """A line's text read back into the dict it was made from (`line_text`'s inverse), by orjson,
+    or by `json` for a text only it reads (a lone surrogate, escaped)."""
+    try:
+        return orjson.loads(text)
+    except orjson.JSONDecodeError:
+        return json.loads(text)
+
+
 def period_json(period: Period) -> dict[str, str]:
     return {"start": period.start.isoformat(), "end": period.end.isoformat(), "label": period.label}
 
@@ -122,11 +131,10 @@ def line_json(line: ReconLine, _periods: dict[int, tuple[str, str, str]] | None 
 
 
 _NUMBERS_TEMPLATE = ",".join(f'"{name}":"%s"' for name in NUMBER_FIELDS)
-_LINE_TEMPLATE = (  # line_json's keys in its order; each %s is a value's JSON text
-    '{"customer_id":%s,"meter":%s,"period":%s,%s,"currency":%s,"class":%s,"break_at":%s,"cause":%s,"evidence":{'
-    + ",".join(f'"{name}":%s' for name in EVIDENCE_FIELDS)
-    + "}}"
+_LINE_TEMPLATE = (  # line_json's keys in its order; each %s is a value's JSON text, the second `_MIDDLE_TEMPLATE`'s
+    '{"customer_id":%s,%s,"evidence":{' + ",".join(f'"{name}":%s' for name in EVIDENCE_FIELDS) + "}}"
 )
+_MIDDLE_TEMPLATE = '"meter":%s,"period":%s,%s,"currency":%s,"class":%s,"break_at":%s,"cause":%s'
 
 
 def numbers_json(values: tuple[Decimal, ...]) -> str:
@@ -152,6 +160,9 @@ def _ids(ids: tuple[str, ...]) -> str:
     return _json(ids) if ids else "[]"
 
 
+MIDDLES_LIMIT = 50_000  # shared middles kept at once by a LineWriter (as classify.MEMO_LIMIT)
+
+
 class LineWriter:
     """Report lines as their compact JSON text straight from the verdicts, without the dict:
     byte for byte `line_text(line_json(line))`. Texts that repeat from line to line (meters,
@@ -162,6 +173,12 @@ class LineWriter:
     def __init__(self) -> None:
         self._quoted: dict[str, str] = {}
         self._periods: dict[int, tuple[Period, str]] = {}
+        # The text from the meter to the cause, by what it is made of, for verdicts that share
+        # their numbers' text: plain keys of one meter and period with the same numbers share it.
+        self._middles: dict[tuple[str, int, str, str, str, str, str], str] = {}
+        # The last customer's and invoice ids' texts: a customer's keys come one after another.
+        self._customer: tuple[str, str] = ("", '""')
+        self._invoices: tuple[tuple[str, ...], str] = ((), "[]")
 
     def __call__(self, line: ReconLine) -> str:
         try:
@@ -176,7 +193,7 @@ class LineWriter:
         return quoted
 
     def _period(self, period: Period) -> str:
-        known = self._periods.get(id(period))
+        known = self._periods.get(id(period))  # the entry keeps the period, so its id is never reused
         if known is None:
             start, end = _json(period.start.isoformat()), _json(period.end.isoformat())
             known = self._periods[id(period)] = (
@@ -185,23 +202,45 @@ class LineWriter:
             )
         return known[1]
 
-    def _text(self, line: ReconLine) -> str:
-        quote, evidence = self._quote, line.evidence
-        clears = evidence.clears
-        return _LINE_TEMPLATE % (
-            _json(line.customer_id),
+    def _middle(self, line: ReconLine) -> str:
+        shared = line.numbers_json
+        if shared is None:
+            return self._middle_text(line, numbers_json(_numbers(line)))
+        key = (line.meter, id(line.period), shared, line.currency, line.klass, line.break_at, line.cause)
+        middle = self._middles.get(key)
+        if middle is None:
+            if len(self._middles) >= MIDDLES_LIMIT:
+                self._middles.clear()
+            middle = self._middles[key] = self._middle_text(line, shared)
+        return middle
+
+    def _middle_text(self, line: ReconLine, numbers: str) -> str:
+        quote = self._quote
+        return _MIDDLE_TEMPLATE % (
             quote(line.meter),
             self._period(line.period),
-            line.numbers_json or numbers_json(_numbers(line)),
+            numbers,
             quote(line.currency),
             quote(line.klass),
             quote(line.break_at),
             quote(line.cause),
+        )
+
+    def _text(self, line: ReconLine) -> str:
+        evidence = line.evidence
+        customer, invoices, clears = line.customer_id, evidence.invoice_ids, evidence.clears
+        if customer != self._customer[0]:
+            self._customer = (customer, _json(customer))
+        if invoices != self._invoices[0]:
+            self._invoices = (invoices, _ids(invoices))
+        return _LINE_TEMPLATE % (
+            self._customer[1],
+            self._middle(line),
             _ids(evidence.duplicate_event_ids),
             _ids(evidence.late_event_ids),
             _ids(evidence.catchup_event_ids),
             _ids(evidence.invoice_line_ids),
-            _ids(evidence.invoice_ids),
+            self._invoices[1],
             _json([{"customer_id": c.customer_id, "meter": c.meter, "period": c.period} for c in clears])
             if clears
             else "[]",

@@ -66,6 +66,53 @@ def test_json_report_prints_each_stored_line_on_a_text_line_of_its_own(tmp_path,
     assert shown == [f"    {t}," for t in stored[:-1]] + [f"    {stored[-1]}", "  ]", "}"]
 
 
+def five_customers(tmp_path):
+    customers = [f"cus_{n}" for n in range(5)]
+    return write_book(
+        tmp_path,
+        [event(f"e_{c}", 100_000 + n * 1_000, customer=c) for n, c in enumerate(customers)],
+        [metered(100_000, customer=c) for c in customers],
+        [line(100, "100.00", customer=c) for c in customers],
+    )
+
+
+def test_json_written_as_the_run_is_stored_is_the_report_read_back(tmp_path, database_url, monkeypatch):
+    # Pages of two lines: five keys make three pages, the last one short. The first run writes
+    # its report from the texts as they are stored; the second finds the run stored and reads
+    # it back from the store: the same bytes, to stdout and to --out alike.
+    monkeypatch.setenv("RECON_DATABASE_URL", database_url)
+    monkeypatch.setattr(Store, "lines_per_page", 2)
+    config = str(five_customers(tmp_path))
+    out = tmp_path / "reports" / "report.json"
+    out.parent.mkdir()
+    spooled = recon("reconcile", "--config", config, "--format", "json", "--out", str(out))
+    assert spooled.exit_code == 0, spooled.output
+    read_back = recon("reconcile", "--config", config, "--format", "json")
+    assert read_back.exit_code == 0, read_back.output
+    assert out.read_text(encoding="utf-8") == read_back.stdout
+    assert len(json.loads(read_back.stdout)["lines"]) == 5
+    assert [p.name for p in out.parent.iterdir()] == ["report.json"]  # no temporary file left
+
+
+def test_a_run_that_fails_to_store_writes_no_report(tmp_path, monkeypatch):
+    # The store write fails after every line went to the report being written: the run is
+    # rolled back, and neither a report nor its temporary file is left.
+    monkeypatch.setenv("RECON_DATABASE_URL", f"sqlite:///{tmp_path / 'recon.db'}")
+
+    def fail(*args):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(Store, "_watch", fail)
+    out = tmp_path / "reports" / "report.json"
+    out.parent.mkdir()
+    failed = recon("reconcile", "--config", str(five_customers(tmp_path)), "--format", "json", "--out", str(out))
+    assert failed.exit_code == 1 and "disk full" in failed.stderr
+    assert list(out.parent.iterdir()) == []
+    assert Store.open(Settings.from_env().database_url).count("runs") == 0
+    printed = recon("reconcile", "--config", str(five_customers(tmp_path)), "--format", "json")
+    assert printed.exit_code == 1 and printed.stdout == ""
+
+
 def test_the_table_lists_at_most_limit_discrepancies_and_says_how_many_more(tmp_path):
     customers = ("cus_a", "cus_b", "cus_c", "cus_d")
     config = write_book(

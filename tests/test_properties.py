@@ -15,7 +15,7 @@ from rules.config import Meter, PlanChange
 from rules.match import KeyFacts
 from rules.models import Evidence, InvoiceLine, Period, ReconLine, TimingRef
 from rules.pricing import Pricing, Tier, billable_units, price, round_money
-from rules.report import NUMBER_FIELDS, LineWriter, line_json, line_text, number
+from rules.report import NUMBER_FIELDS, LineWriter, line_json, line_text, number, numbers_json
 from rules.timeline import Segment
 from tests.book import event, line, metered, reconcile_book, write_book
 
@@ -221,6 +221,46 @@ def test_a_line_written_straight_from_its_verdict_is_the_dicts_text(words, value
         Evidence(*ids, clears=tuple(TimingRef(*c) for c in clears)),
     )
     assert LineWriter()(verdict) == line_text(line_json(verdict))
+
+
+few = st.sampled_from(["cus_a", "cus_b", 'q"\\', "\u00e9"])  # a few texts, so that lines share them
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    st.lists(
+        st.tuples(
+            few,
+            st.sampled_from(["api_calls", "storage"]),
+            st.sampled_from([Decimal("108"), Decimal("108.0"), Decimal("-1")]),
+            st.sampled_from(["match", "under_bill"]),
+            st.sampled_from(["none", "billing"]),
+            st.sampled_from([(), ("in_1",), ("in_2",), ("in_1", "in_2")]),
+            st.booleans(),
+        ),
+        max_size=12,
+    )
+)
+def test_one_writer_over_a_run_writes_each_line_as_its_dict(rows):
+    # One LineWriter over many lines, as a run uses it: lines that share their numbers' text
+    # (the plain keys' memo), a meter, a class, a customer or invoice ids with the line before
+    # are still written as their own dict.
+    write = LineWriter()
+    for customer, meter, value, klass, break_at, invoices, shared in rows:
+        values = (value,) * len(NUMBER_FIELDS)
+        verdict = ReconLine(
+            customer,
+            meter,
+            OCTOBER,
+            *values,
+            "usd",
+            klass,
+            break_at,
+            "the same cause",
+            Evidence(invoice_line_ids=("il_1",), invoice_ids=invoices),
+            numbers_json(values) if shared else None,
+        )
+        assert write(verdict) == line_text(line_json(verdict))
 
 
 @given(st.decimals(allow_nan=False, allow_infinity=False))
