@@ -109,6 +109,8 @@ def reconcile(
     limit: int,
 ) -> None:
     """Run one reconciliation and print its report."""
+    if out is not None and not out.parent.is_dir():  # said now, not after a long run
+        raise InputError(f"--out {out}: no such folder {out.parent}")
     settings = Settings.from_env()
     config_path = config_path or settings.config_path
     config = load_config(config_path)

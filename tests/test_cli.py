@@ -113,6 +113,16 @@ def test_a_run_that_fails_to_store_writes_no_report(tmp_path, monkeypatch):
     assert printed.exit_code == 1 and printed.stdout == ""
 
 
+def test_out_in_a_missing_folder_exits_2_before_the_run(tmp_path, monkeypatch):
+    monkeypatch.setenv("RECON_DATABASE_URL", f"sqlite:///{tmp_path / 'recon.db'}")
+    out = tmp_path / "nowhere" / "report.json"
+    for fmt in ("json", "csv", "table"):
+        result = recon("reconcile", "--config", str(book(tmp_path)), "--format", fmt, "--out", str(out))
+        assert result.exit_code == 2
+        assert result.stderr.strip() == f"recon: --out {out}: no such folder {out.parent}"
+    assert Store.open(Settings.from_env().database_url).count("runs") == 0  # nothing was run
+
+
 def test_the_table_lists_at_most_limit_discrepancies_and_says_how_many_more(tmp_path):
     customers = ("cus_a", "cus_b", "cus_c", "cus_d")
     config = write_book(
