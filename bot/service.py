@@ -8,9 +8,8 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, replace
 from decimal import Decimal
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from bot.render import JsonSpool
 from bot.store import RunRecord, Store
 from connectors.base import InvoiceBilling, period_records
 from connectors.files import FileBilling, RawEventsFile
@@ -22,6 +21,9 @@ from rules.periods import infer_periods, label_for
 from rules.reconcile import CALCULATION_VERSION, judge_all, reconcile, run_id_for, without_cyclic_gc
 from rules.report import LineWriter, StoredLine, parse_line, report_head, report_json, stored_lines
 from rules.timeline import build_timeline
+
+if TYPE_CHECKING:  # the CLI makes the spool; the worker's runs never load the report writers
+    from bot.render import JsonSpool
 
 
 @dataclass(frozen=True)
@@ -169,9 +171,10 @@ def _reconcile(
     head = report_head(report, _scope(joined))
     if store is None:
         return RunResult(head=head, store=None, verdicts=report)
+    seen = None
     if spool is not None:
         spool.begin(head)
-    seen = spool.page if spool is not None else None
+        seen = spool.page
     stored = save(store, head, stored_lines(report), config, inputs, periods, customers, seen=seen)
     if stored and spool is not None:
         spool.finish()

@@ -156,7 +156,8 @@ class Store:
 
         A run started earlier (`start_run`) and cut short is completed under the same id.
         `seen` is handed the stored line texts a page at a time, in order, as they are stored
-        (`bot.pages.packed`); it is not called for a run that was done already.
+        (`bot.pages.packed`); only a call that returns True has handed it every page (a run done
+        already hands it none, one that another process finishes first may hand it some).
         """
         if self.run_status(record.run_id) == "done":
             return False
