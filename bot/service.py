@@ -6,23 +6,26 @@ import hashlib
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, replace
+from datetime import datetime
 from decimal import Decimal
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from bot.store import RunRecord, Store
 from connectors.base import InvoiceBilling, period_records
-from connectors.files import FileBilling, RawEventsFile
+from connectors.files import Columns, FileBilling, RawEventsFile, raw_aggregates
 from connectors.raw import RawSource, raw_source
 from rules.config import Config
 from rules.match import Joined, add_raw, join_billing
 from rules.models import InvoiceLine, MeteredRecord, Period, RawAggregate, Report
 from rules.periods import infer_periods, label_for
 from rules.reconcile import CALCULATION_VERSION, judge_all, reconcile, run_id_for, without_cyclic_gc
-from rules.report import LineWriter, StoredLine, parse_line, report_head, report_json, stored_lines
+from rules.report import LineWriter, StoredLine, head_json, parse_line, report_head, report_json, stored_lines
 from rules.timeline import build_timeline
 
 if TYPE_CHECKING:  # the CLI makes the spool; the worker's runs never load the report writers
+    import pyarrow as pa
+
     from bot.render import JsonSpool
 
 
@@ -85,13 +88,29 @@ def reconcile_files(
     is stored (it is left incomplete when the run was stored already)."""
     raw = raw_source(sources.raw, Path("."), config)
     billing = FileBilling(sources.metered, sources.invoiced)
+    # A stored run of the whole book judges its plain keys in bulk (bot.bulk); the raw
+    # aggregates then stay an Arrow table, the billing side columns.
+    bulk = store is not None and not customers and isinstance(raw, RawEventsFile)
+    aggregate = _aggregate_table if bulk else _aggregate
     with without_cyclic_gc(), ThreadPoolExecutor(max_workers=2) as pool:
         # Hashing the files overlaps with DuckDB's scan instead of adding to it; with the periods
         # given, the scan itself overlaps with reading the billing side. A database source's
         # fingerprint is the digest of what aggregate() read, so it is taken after it.
         early = isinstance(raw, RawEventsFile)
         hashed = pool.submit(lambda: {"raw": raw.fingerprint() if early else "", "billing": billing.fingerprint()})
-        scan = pool.submit(_aggregate, config, raw, periods, progress) if periods is not None else None
+        scan = pool.submit(aggregate, config, raw, periods, progress) if periods is not None else None
+
+        def fingerprints() -> dict[str, str]:
+            return hashed.result() | ({} if early else {"raw": raw.fingerprint()})
+
+        columns = billing.columns() if bulk else None
+        if columns is not None:
+            assert store is not None
+            if periods is None or scan is None:
+                periods = infer_periods(_column_spans(*columns), config.period.zone)
+                scan = pool.submit(aggregate, config, raw, periods, progress)
+            return _reconcile_in_bulk(config, scan.result(), columns, periods, fingerprints, store, spool)
+        # A doubtful billing value: the records are read field by field (which names it).
         records = Records(list(billing.metered()), list(billing.invoiced()))
         if periods is None or scan is None:
             spans = {(r.period_start, r.period_end) for r in (*records.metered, *records.lines)}
@@ -99,11 +118,39 @@ def reconcile_files(
             scan = pool.submit(_aggregate, config, raw, periods, progress)
         # The billing side is grouped by key while the raw events are still being scanned.
         billed = _join_billing(config, records, periods, customers)
+        aggregates = (lambda: raw_aggregates(scan.result())) if aggregate is _aggregate_table else scan.result
+        return _reconcile(config, aggregates, billed, periods, fingerprints, store, customers, spool)
 
-        def fingerprints() -> dict[str, str]:
-            return hashed.result() | ({} if early else {"raw": raw.fingerprint()})
 
-        return _reconcile(config, scan.result, billed, periods, fingerprints, store, customers, spool)
+def _column_spans(metered: Columns, invoiced: Columns) -> set[tuple[datetime, datetime]]:
+    """The distinct (period_start, period_end) of the billing side's rows."""
+    spans = set()
+    for columns in (metered, invoiced):
+        starts, ends = columns.distinct["period_start"], columns.distinct["period_end"]
+        pairs = columns.rows.select(["period_start", "period_end"]).group_by(["period_start", "period_end"])
+        found = pairs.aggregate([]).to_pydict()
+        spans.update((starts[s], ends[e]) for s, e in zip(found["period_start"], found["period_end"], strict=True))
+    return spans
+
+
+def _reconcile_in_bulk(
+    config: Config,
+    aggregates: pa.Table,
+    columns: tuple[Columns, Columns],
+    periods: tuple[Period, ...],
+    fingerprints: Callable[[], dict[str, str]],
+    store: Store,
+    spool: JsonSpool | None,
+) -> RunResult:
+    """`_reconcile` with the plain keys judged in bulk (`bot.bulk`)."""
+    from bot.bulk import judge_book
+
+    timeline = build_timeline(periods, config.meters, config.period.grace)
+    inputs = fingerprints()
+    run_id = run_id_for(config.fingerprint, inputs, periods, frozenset())
+    judged = judge_book(config, timeline, aggregates, *columns, run_id)
+    head = head_json(run_id, periods, judged.summary)
+    return _store(store, head, judged.lines, config, inputs, periods, frozenset(), spool)
 
 
 def reconcile_platform(
@@ -171,11 +218,25 @@ def _reconcile(
     head = report_head(report, _scope(joined))
     if store is None:
         return RunResult(head=head, store=None, verdicts=report)
+    return _store(store, head, stored_lines(report), config, inputs, periods, customers, spool)
+
+
+def _store(
+    store: Store,
+    head: dict[str, Any],
+    lines: Iterable[StoredLine],
+    config: Config,
+    inputs: dict[str, str],
+    periods: tuple[Period, ...],
+    customers: frozenset[str],
+    spool: JsonSpool | None,
+) -> RunResult:
+    """The run stored (unless it was already), and written to `spool` as it is."""
     seen = None
     if spool is not None:
         spool.begin(head)
         seen = spool.page
-    stored = save(store, head, stored_lines(report), config, inputs, periods, customers, seen=seen)
+    stored = save(store, head, lines, config, inputs, periods, customers, seen=seen)
     if stored and spool is not None:
         spool.finish()
     return RunResult(head=head, store=store, stored=stored)
@@ -186,6 +247,13 @@ def _aggregate(
 ) -> list[RawAggregate]:
     timeline = build_timeline(periods, config.meters, config.period.grace)
     return raw.aggregate(timeline, config.evidence_limit, config.period.timezone, progress)
+
+
+def _aggregate_table(
+    config: Config, raw: RawEventsFile, periods: tuple[Period, ...], progress: Callable[..., Any] | None
+) -> pa.Table:
+    timeline = build_timeline(periods, config.meters, config.period.grace)
+    return raw.aggregate_table(timeline, config.evidence_limit, config.period.timezone, progress)
 
 
 def _drain(items: list[Any]) -> Iterator[Any]:

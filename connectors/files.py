@@ -16,6 +16,7 @@ import re
 import tempfile
 import threading
 from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass
 from datetime import datetime
 from decimal import Decimal
 from pathlib import Path, PurePosixPath
@@ -181,14 +182,25 @@ class FileBilling:
         parts = [f.fingerprint() for f in (self.metered_file, self.invoiced_file) if f]
         return ",".join(parts)
 
+    def columns(self) -> tuple[Columns, Columns] | None:
+        """The metered rows and the invoice lines as `Columns`; None when a file is not named or a
+        value is doubtful (`metered()` and `invoiced()` then read it field by field, naming a bad one)."""
+        if self.metered_file is None or self.invoiced_file is None:
+            return None
+        self.metered_file.require(METERED_COLUMNS)
+        self.invoiced_file.require(INVOICED_COLUMNS)
+        metered = _read_columns(self.metered_file, _METERED_READERS)
+        invoiced = _read_columns(self.invoiced_file, _INVOICED_READERS) if metered is not None else None
+        return None if metered is None or invoiced is None else (metered, invoiced)
+
     def metered(self) -> Iterator[MeteredRecord]:
         if self.metered_file is None:
             return
         table = self.metered_file
         table.require(METERED_COLUMNS)
-        parsed = _parse_all(table, _METERED_READERS, MeteredRecord)
-        if parsed is not None:
-            yield from parsed
+        columns = _read_columns(table, _METERED_READERS)
+        if columns is not None:
+            yield from columns.records(MeteredRecord)
             return
         field = _FieldReader(table)
         for index, row in table.text_rows(METERED_COLUMNS):
@@ -206,9 +218,9 @@ class FileBilling:
             return
         table = self.invoiced_file
         table.require(INVOICED_COLUMNS)
-        parsed = _parse_all(table, _INVOICED_READERS, InvoiceLine)
-        if parsed is not None:
-            yield from parsed
+        columns = _read_columns(table, _INVOICED_READERS)
+        if columns is not None:
+            yield from columns.records(InvoiceLine)
             return
         field = _FieldReader(table)
         for index, row in table.text_rows(INVOICED_COLUMNS):
@@ -243,36 +255,78 @@ class _Unsure(Exception):
     """A value the quick reading does not accept; the field-by-field reading decides."""
 
 
-_Reader = Callable[["pa.ChunkedArray"], list[Any]]
+# A column's reader: the parser of each of its distinct values, or None for an id column
+# (non-empty texts, trimmed, nearly all distinct).
+_Reader = Callable[[str | None], Any] | None
 
 
-def _parse_all(table: TableFile, fields: dict[str, _Reader], make: Callable[..., Any]) -> list[Any] | None:
-    """Every row as a record `make(*values)`, read column by column (`fields`: each column and
-    its reader, in `make`'s order) with the same parsing as the field-by-field reading below;
-    None at the first doubtful value, so that the slow reading names its file, line and field."""
-    columns = tuple(fields)
-    select = ", ".join(f"CAST({_ident(c)} AS VARCHAR)" for c in columns)
+@dataclass(frozen=True)
+class Columns:
+    """A billing file's rows column by column, every value parsed as the records' fields are.
+
+    A column of repeating values (names, instants, numbers) holds each distinct value parsed
+    once (`distinct`) and each row's index into them; an id column holds each row's text.
+    A run reads the rows as records (`records`), or joins them by key in DuckDB and makes
+    records of the few rows it needs (`bot.bulk`)."""
+
+    names: tuple[str, ...]  # the record's fields, in its order
+    distinct: dict[str, list[Any]]
+    rows: pa.Table  # per row: an int32 index into `distinct[column]`, or the id's text
+
+    def __len__(self) -> int:
+        return self.rows.num_rows
+
+    def values(self, column: str, rows: pa.Array | None = None) -> list[Any]:
+        """The column's parsed values, of every row or of `rows` (indices)."""
+        cells = self.rows.column(column)
+        if rows is not None:
+            cells = cells.take(rows)
+        if column not in self.distinct:
+            return cells.to_pylist()
+        return list(map(self.distinct[column].__getitem__, cells.to_pylist()))
+
+    def texts(self, column: str) -> pa.Array:
+        """A text column's parsed value on every row, for a query."""
+        import pyarrow as pa
+
+        return pa.array(self.distinct[column], pa.string()).take(self.rows.column(column).combine_chunks())
+
+    def records(self, make: Callable[..., Any], rows: pa.Array | None = None) -> list[Any]:
+        """`make(*fields)` of every row, or of `rows`."""
+        return list(map(make, *(self.values(column, rows) for column in self.names)))
+
+
+def _read_columns(table: TableFile, fields: dict[str, _Reader]) -> Columns | None:
+    """The file's rows as `Columns` (`fields`: each column and its reader, in the record's
+    order); None at the first doubtful value, so that the field-by-field reading below names
+    its file, line and field."""
+    import pyarrow as pa
+
+    names = tuple(fields)
+    select = ", ".join(f"CAST({_ident(c)} AS VARCHAR)" for c in names)
     try:
-        result = table.con.sql(f"SELECT {select} FROM {table.relation(columns)}").to_arrow_table()
+        result = table.con.sql(f"SELECT {select} FROM {table.relation(names)}").to_arrow_table()
     except duckdb.Error as exc:
         raise InputError(f"{table.path}: cannot be read: {_first_line(exc)}") from None
+    distinct: dict[str, list[Any]] = {}
+    rows: dict[str, pa.Array] = {}
     try:
-        values = [read(result.column(i)) for i, read in enumerate(fields.values())]
+        for index, (name, read) in enumerate(fields.items()):
+            cells = result.column(index)
+            if read is None:
+                rows[name] = pa.array(_ids(cells), pa.string())
+                continue
+            distinct[name], rows[name] = _each_distinct(read, cells)
     except _Unsure:
         return None
-    return list(map(make, *values))
+    return Columns(names, distinct, pa.table(rows))
 
 
-def _each_distinct(read: Callable[[str | None], Any]) -> _Reader:
-    """A column reader that reads each distinct value once: customers, meters, instants and
-    amounts repeat from record to record, and the records share one object for each."""
-
-    def column(values: pa.ChunkedArray) -> list[Any]:
-        encoded = values.combine_chunks().dictionary_encode(null_encoding="encode")
-        distinct = [read(value) for value in encoded.dictionary.to_pylist()]
-        return list(map(distinct.__getitem__, encoded.indices.to_pylist()))
-
-    return column
+def _each_distinct(read: Callable[[str | None], Any], cells: pa.ChunkedArray) -> tuple[list[Any], pa.Array]:
+    """Each distinct value of `cells` read once, and each row's index into them: customers,
+    meters, instants and amounts repeat from row to row, and the rows share one object for each."""
+    encoded = cells.combine_chunks().dictionary_encode(null_encoding="encode")
+    return [read(value) for value in encoded.dictionary.to_pylist()], encoded.indices
 
 
 def _ids(values: pa.ChunkedArray) -> list[str]:
@@ -331,25 +385,24 @@ def _kind(value: str | None) -> str:
     return intern(kind)
 
 
-_names, _instants, _numbers = _each_distinct(_name), _each_distinct(_instant), _each_distinct(_number)
 _METERED_READERS: dict[str, _Reader] = {
-    "customer_id": _names,
-    "meter": _each_distinct(_required_name),
-    "period_start": _instants,
-    "period_end": _instants,
-    "quantity": _numbers,
+    "customer_id": _name,
+    "meter": _required_name,
+    "period_start": _instant,
+    "period_end": _instant,
+    "quantity": _number,
 }
 _INVOICED_READERS: dict[str, _Reader] = {
-    "invoice_id": _ids,
-    "line_id": _ids,
-    "customer_id": _names,
-    "meter": _names,
-    "period_start": _instants,
-    "period_end": _instants,
-    "quantity": _numbers,
-    "amount": _numbers,
-    "currency": _each_distinct(_currency),
-    "kind": _each_distinct(_kind),
+    "invoice_id": None,
+    "line_id": None,
+    "customer_id": _name,
+    "meter": _name,
+    "period_start": _instant,
+    "period_end": _instant,
+    "quantity": _number,
+    "amount": _number,
+    "currency": _currency,
+    "kind": _kind,
 }
 
 
@@ -404,6 +457,18 @@ class RawEventsFile:
         customers: frozenset[str] = frozenset(),
     ) -> list[RawAggregate]:
         """Aggregates on the timeline; with `customers`, only their events are read."""
+        return raw_aggregates(self.aggregate_table(timeline, evidence_limit, zone, progress, customers))
+
+    def aggregate_table(
+        self,
+        timeline: Timeline,
+        evidence_limit: int,
+        zone: str = "UTC",
+        progress: Callable[[duckdb.DuckDBPyConnection], Any] | None = None,
+        customers: frozenset[str] = frozenset(),
+    ) -> pa.Table:
+        """`aggregate`'s rows as the Arrow table the query hands back: RawAggregate's fields,
+        in its order, the quantity as text (`bot.bulk` keeps most rows out of Python)."""
         types = self.table.require(RAW_COLUMNS, ("received_at",))
         relation = self.table.relation(RAW_FIELDS)
         if customers:
@@ -418,7 +483,7 @@ class RawEventsFile:
             raise InputError(f"{self.table.path}: cannot be read: {_first_line(exc)}") from None
         if any(result.column("has_bad").to_pylist()):
             raise self._first_bad_row(types)
-        return _raw_aggregates(result)
+        return result.drop_columns(["has_bad"])
 
     def _first_bad_row(self, types: dict[str, str]) -> InputError:
         """Find the first bad row in file order (only on the failure path)."""
@@ -657,9 +722,12 @@ def aggregate_sql(relation: str, types: dict[str, str], timeline: Timeline, evid
     """
 
 
-def _raw_aggregates(result: pa.Table) -> list[RawAggregate]:
+def raw_aggregates(result: pa.Table) -> list[RawAggregate]:
     """The query's rows as records, built column by column (most rows list no ids, no months)."""
-    names, quantities = _each_distinct(intern), _each_distinct(_quantity)
+
+    def parsed(read: Callable[[str | None], Any], name: str) -> list[Any]:
+        distinct, indices = _each_distinct(read, result.column(name))
+        return list(map(distinct.__getitem__, indices.to_pylist()))
 
     def values(name: str) -> list[Any]:
         return result.column(name).to_pylist()
@@ -670,11 +738,11 @@ def _raw_aggregates(result: pa.Table) -> list[RawAggregate]:
     return list(
         map(
             RawAggregate,  # the fields in order
-            names(result.column("customer_id")),
-            names(result.column("meter")),
+            parsed(intern, "customer_id"),
+            parsed(intern, "meter"),
             values("segment"),
             values("receiving"),
-            quantities(result.column("quantity")),
+            parsed(aggregate_quantity, "quantity"),
             values("events"),
             tuples("late_event_ids"),
             tuples("duplicate_event_ids"),
@@ -685,7 +753,7 @@ def _raw_aggregates(result: pa.Table) -> list[RawAggregate]:
     )
 
 
-def _quantity(text: str | None) -> Decimal:
+def aggregate_quantity(text: str | None) -> Decimal:
     return Decimal(text).normalize() if text is not None else Decimal(0)
 
 

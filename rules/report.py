@@ -284,11 +284,16 @@ def report_lines(report: Report) -> Iterator[dict[str, Any]]:
 
 def summary_json(lines: tuple[ReconLine, ...] | list[ReconLine]) -> dict[str, Any]:
     """Counts and amounts by class; `amount` is null when a class mixes currencies."""
+    return summary_of((line.klass, line.currency, line.delta_amount, 1) for line in lines)
+
+
+def summary_of(tallies: Iterable[tuple[str, str, Decimal, int]]) -> dict[str, Any]:
+    """`summary_json` of lines given as (class, currency, delta_amount, how many lines)."""
     counts: dict[str, int] = dict.fromkeys(CLASSES, 0)
     amounts: dict[str, dict[str, Decimal]] = {c: defaultdict(Decimal) for c in CLASSES}
-    for line in lines:
-        counts[line.klass] += 1
-        amounts[line.klass][line.currency] += line.delta_amount
+    for klass, currency, delta, times in tallies:
+        counts[klass] += times
+        amounts[klass][currency] += delta if times == 1 else delta * times
     classes = {}
     for klass in CLASSES:
         by_currency = {cur: number(round_money(total, cur)) for cur, total in sorted(amounts[klass].items()) if cur}
@@ -298,17 +303,22 @@ def summary_json(lines: tuple[ReconLine, ...] | list[ReconLine]) -> dict[str, An
             "amount": single if by_currency else "0.00",
             "amounts": by_currency,
         }
-    return {"keys": len(lines), "matched": counts["match"], "classes": classes}
+    return {"keys": sum(counts.values()), "matched": counts["match"], "classes": classes}
 
 
 def report_head(report: Report, extra: dict[str, Any] | None = None) -> dict[str, Any]:
     """The report without its lines: run id, periods and summary (`extra` adds summary facts
     such as out-of-scope counts)."""
-    summary = summary_json(report.lines)
+    return head_json(report.run_id, report.periods, summary_json(report.lines), extra)
+
+
+def head_json(
+    run_id: str, periods: tuple[Period, ...], summary: dict[str, Any], extra: dict[str, Any] | None = None
+) -> dict[str, Any]:
+    """`report_head` of a run whose summary is made already."""
     summary.update(extra or {})
-    periods = report.periods
     return {
-        "run_id": report.run_id,
+        "run_id": run_id,
         "period": {
             "start": periods[0].start.isoformat(),
             "end": periods[-1].end.isoformat(),

@@ -1,0 +1,319 @@
+"""A book's keys judged in bulk: each shape of plain key once, every other key in Python.
+
+Most keys of a book are plain: one usage line in the meter's currency, at most one metered
+row and one raw aggregate, nothing late, no catch-up, no duplicates, and a meter without
+plan changes. Such a key's verdict depends on its shape (meter, period, raw quantity,
+metered quantity, the line's quantity and amount) and not on its customer or ids, and a
+book's 500,000 keys have a few thousand shapes. So DuckDB joins the three records by key;
+the rules judge each shape once, on a stand-in key whose customer and ids are markers
+(`rules.classify.judge`, the same call as for any key); and DuckDB writes every plain key's
+line from its shape's text, with the key's customer and ids where the markers were. Only
+ids that JSON writes as they are go in that way; a key with any other is judged in Python,
+like every key that is not plain. The lines come out in the report's order, as the store
+takes them, and are byte for byte the lines `rules.reconcile` gives (a test holds the two
+to that on random books).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass
+from decimal import Decimal
+from typing import TYPE_CHECKING, Any
+
+import orjson
+import pyarrow as pa
+
+from connectors.files import Columns, aggregate_quantity, connect, raw_aggregates
+from rules.classify import judge
+from rules.config import Config
+from rules.match import join
+from rules.models import InvoiceLine, MeteredRecord, RawAggregate
+from rules.reconcile import judge_all
+from rules.report import LineWriter, StoredLine, stored_lines, summary_of
+from rules.timeline import Timeline
+
+if TYPE_CHECKING:
+    import duckdb
+
+# The stand-in key's customer and ids: texts no file holds, which JSON writes escaped.
+MARKERS = ("\x00customer\x00", "\x00line\x00", "\x00invoice\x00")
+# A text JSON writes as it is: no quote, backslash or control character.
+_AS_IS = """NOT regexp_matches(customer_id || line_id || invoice_id, '[[:cntrl:]"\\\\]')"""
+_SHAPE = ("meter", "p", "seg", "raw_q", "met_q", "inv_q", "inv_a")
+BATCH = 50_000  # lines fetched from DuckDB at a time
+
+
+@dataclass
+class Judged:
+    """A book's verdicts: the report's summary (`rules.report.summary_json`, out-of-scope
+    counts included) and its lines, in order, made as they are taken."""
+
+    summary: dict[str, Any]
+    lines: Iterator[StoredLine]
+
+
+def judge_book(
+    config: Config, timeline: Timeline, raw: pa.Table, metered: Columns, invoiced: Columns, run_id: str
+) -> Judged:
+    """Every key of the book on `timeline`: `raw` as `RawEventsFile.aggregate_table` gives it,
+    the billing side as `FileBilling.columns` does."""
+    con = connect()
+    _register(con, config, timeline, raw, metered, invoiced)
+    con.execute(_KEYS_SQL.format(periods=len(timeline.periods), as_is=_AS_IS))
+    tallies = _judge_shapes(con, config, timeline, metered, invoiced)
+    others, scope = _judge_others(con, config, timeline, raw, metered, invoiced, run_id)
+    tallies += [(ln.klass, ln.currency, ln.delta_amount, 1) for ln in others.lines]
+    con.register("others", _others_table(others))
+    return Judged({**summary_of(tallies), **scope}, _lines(con, timeline))
+
+
+def _register(
+    con: duckdb.DuckDBPyConnection,
+    config: Config,
+    timeline: Timeline,
+    raw: pa.Table,
+    metered: Columns,
+    invoiced: Columns,
+) -> None:
+    con.register("raw_t", raw.append_column("r", pa.array(range(raw.num_rows), pa.int64())))
+    for name, columns, texts in (
+        ("met_t", metered, ("customer_id", "meter")),
+        ("inv_t", invoiced, ("customer_id", "meter", "currency", "kind")),
+    ):
+        table = columns.rows
+        for column in texts:
+            table = table.set_column(table.schema.get_field_index(column), column, columns.texts(column))
+        con.register(name, table.append_column("row_no", pa.array(range(len(columns)), pa.int64())))
+        con.register(name.replace("_t", "_bounds"), _bounds(con, name, columns, timeline))
+    segments = [(i, s.period_index) for i, s in enumerate(timeline.segments)]
+    con.register("segs", pa.table({"segment": [i for i, _ in segments], "p": [p for _, p in segments]}))
+    plain = {name: m.currency for name, m in config.meters.items() if not m.plan}
+    schema = pa.schema([("meter", pa.string()), ("meter_currency", pa.string())])
+    con.register("meters_t", pa.table({"meter": list(plain), "meter_currency": list(plain.values())}, schema=schema))
+
+
+def _bounds(con: duckdb.DuckDBPyConnection, table: str, columns: Columns, timeline: Timeline) -> pa.Table:
+    """Each distinct (period_start, period_end) of a billing table and the period holding it."""
+    pairs = con.execute(f"SELECT DISTINCT period_start, period_end FROM {table}").fetchall()
+    starts, ends = columns.distinct["period_start"], columns.distinct["period_end"]
+    found = [timeline.period_of(starts[s], ends[e]) for s, e in pairs]
+    return pa.table(
+        {"s": [s for s, _ in pairs], "e": [e for _, e in pairs], "p": found},
+        schema=pa.schema([("s", pa.int32()), ("e", pa.int32()), ("p", pa.int64())]),
+    )
+
+
+# Every key of the book with what decides whether it is plain and, if so, its shape.
+_KEYS_SQL = """
+CREATE TEMP TABLE keys AS
+WITH raw_k AS (
+    SELECT r, customer_id, meter, segs.p, segment, receiving, quantity,
+        receiving IS NOT NULL OR segment IS NULL OR len(late_event_ids) > 0 OR len(duplicate_event_ids) > 0
+            OR dropped_copies > 0 OR conflicting_copies > 0 OR len(origin_periods) > 0 AS odd
+    FROM raw_t LEFT JOIN segs USING (segment)
+),
+own AS (
+    SELECT customer_id, meter, p, count(*) AS raw_n, any_value(quantity) AS raw_q, any_value(segment) AS seg,
+        bool_or(odd) AS odd
+    FROM raw_k WHERE p IS NOT NULL GROUP BY ALL
+),
+target AS (
+    SELECT DISTINCT customer_id, meter, receiving AS p, true AS targeted
+    FROM raw_k WHERE receiving >= 0 AND receiving < {periods}
+),
+met AS (
+    SELECT customer_id, meter, b.p, count(*) AS met_n, any_value(quantity) AS met_q
+    FROM met_t JOIN met_bounds AS b ON period_start = b.s AND period_end = b.e
+    WHERE b.p IS NOT NULL GROUP BY ALL
+),
+inv AS (
+    SELECT customer_id, meter, b.p, count(*) AS inv_n, any_value(quantity) AS inv_q, any_value(amount) AS inv_a,
+        any_value(currency) AS currency, any_value(kind) AS kind, any_value(line_id) AS line_id,
+        any_value(invoice_id) AS invoice_id
+    FROM inv_t JOIN inv_bounds AS b ON period_start = b.s AND period_end = b.e
+    WHERE b.p IS NOT NULL GROUP BY ALL
+),
+joined AS (
+    SELECT * FROM own FULL JOIN target USING (customer_id, meter, p) FULL JOIN met USING (customer_id, meter, p)
+        FULL JOIN inv USING (customer_id, meter, p)
+)
+SELECT joined.*, coalesce(
+    meter_currency = currency AND customer_id <> '' AND inv_n = 1 AND kind = 'usage'
+    AND coalesce(met_n, 0) <= 1 AND coalesce(raw_n, 0) <= 1 AND NOT coalesce(odd, false) AND targeted IS NULL
+    AND {as_is}, false) AS plain
+FROM joined LEFT JOIN meters_t USING (meter)
+"""
+
+_TEMPLATES = pa.schema(
+    [
+        ("meter", pa.string()),
+        ("p", pa.int64()),
+        ("seg", pa.int64()),
+        ("raw_q", pa.string()),
+        ("met_q", pa.int64()),
+        ("inv_q", pa.int64()),
+        ("inv_a", pa.int64()),
+        ("klass", pa.string()),
+        ("followed", pa.bool_()),
+        *((f"p{i}", pa.string()) for i in range(4)),
+    ]
+)
+_SAME_SHAPE = " AND ".join(f"k.{c} IS NOT DISTINCT FROM t.{c}" for c in _SHAPE)
+
+
+def _judge_shapes(
+    con: duckdb.DuckDBPyConnection, config: Config, timeline: Timeline, metered: Columns, invoiced: Columns
+) -> list[tuple[str, str, Decimal, int]]:
+    """Each plain key's shape judged once; its line's text split where the key's customer and
+    ids go (table `templates`). A shape whose text does not split so is not plain after all."""
+    shapes = con.execute(f"SELECT {', '.join(_SHAPE)}, count(*) FROM keys WHERE plain GROUP BY ALL").fetchall()
+    write = LineWriter()
+    segments = dict(enumerate(timeline.segments))
+    markers = [orjson.dumps(m).decode()[1:-1] for m in MARKERS]
+    rows: dict[str, list[Any]] = {name: [] for name in (*_SHAPE, "klass", "followed", "p0", "p1", "p2", "p3")}
+    tallies = []
+    for *shape, count in shapes:
+        meter, p, seg, raw_q, met_q, inv_q, inv_a = shape
+        verdict = judge(
+            _stand_in(timeline, meter, p, seg, raw_q, met_q, metered, invoiced.distinct, inv_q, inv_a, config),
+            config.meters[meter],
+            timeline.periods[p],
+            segments,
+            config.evidence_limit,
+        )
+        parts = _split(write(verdict), markers)
+        if parts is None:
+            continue
+        for name, value in zip(_SHAPE, shape, strict=True):
+            rows[name].append(value)
+        rows["klass"].append(verdict.klass)
+        rows["followed"].append(verdict.klass != "match" or bool(verdict.evidence.clears))
+        for i, part in enumerate(parts):
+            rows[f"p{i}"].append(part)
+        tallies.append((verdict.klass, verdict.currency, verdict.delta_amount, count))
+    con.register("templates", pa.table(rows, schema=_TEMPLATES))
+    if len(rows["meter"]) < len(shapes):  # a shape not written from a template: its keys are judged in Python
+        con.execute(f"""
+            UPDATE keys AS k SET plain = false
+            WHERE plain AND NOT EXISTS (SELECT 1 FROM templates AS t WHERE {_SAME_SHAPE})""")
+    return tallies
+
+
+def _stand_in(
+    timeline: Timeline,
+    meter: str,
+    p: int,
+    seg: int | None,
+    raw_q: str | None,
+    met_q: int | None,
+    metered: Columns,
+    line_values: dict[str, list[Any]],
+    inv_q: int,
+    inv_a: int,
+    config: Config,
+) -> Any:
+    """The facts of a key of this shape whose customer and ids are the markers, joined as any key's are."""
+    customer, line_id, invoice_id = MARKERS
+    period = timeline.periods[p]
+    raw = [RawAggregate(customer, meter, seg, None, aggregate_quantity(raw_q), 1)] if raw_q is not None else []
+    met = (
+        [MeteredRecord(customer, meter, period.start, period.end, metered.distinct["quantity"][met_q])]
+        if met_q is not None
+        else []
+    )
+    quantity, amount = line_values["quantity"][inv_q], line_values["amount"][inv_a]
+    currency = config.meters[meter].currency
+    start, end = period.start, period.end
+    line = InvoiceLine(invoice_id, line_id, customer, meter, start, end, quantity, amount, currency, "usage")
+    return join(timeline, raw, met, [line]).facts[(customer, meter, p)]
+
+
+def _split(text: str, markers: list[str]) -> list[str] | None:
+    """`text` cut at each marker, which must each stand once, in order."""
+    parts = []
+    for marker in markers:
+        head, found, text = text.partition(marker)
+        if not found or marker in text or marker in head:
+            return None
+        parts.append(head)
+    return [*parts, text]
+
+
+def _judge_others(
+    con: duckdb.DuckDBPyConnection,
+    config: Config,
+    timeline: Timeline,
+    raw: pa.Table,
+    metered: Columns,
+    invoiced: Columns,
+    run_id: str,
+) -> tuple[Any, dict[str, Any]]:
+    """The keys that are not plain, joined and judged in Python from their records (and the
+    records no period holds, counted as out of scope)."""
+    not_plain = "LEFT JOIN keys AS k ON k.customer_id = x.customer_id AND k.meter = x.meter AND k.p = {p} " + (
+        "WHERE k.plain IS NOT TRUE ORDER BY x.{row}"
+    )
+    raw_rows = con.sql(
+        "SELECT x.r FROM (SELECT * FROM raw_t LEFT JOIN segs USING (segment)) AS x "
+        + not_plain.format(p="x.p", row="r")
+    ).to_arrow_table()
+    met_rows, inv_rows = (
+        con.sql(
+            f"SELECT x.row_no FROM {table} AS x LEFT JOIN {table.replace('_t', '_bounds')} AS b "
+            "ON x.period_start = b.s AND x.period_end = b.e " + not_plain.format(p="b.p", row="row_no")
+        ).to_arrow_table()
+        for table in ("met_t", "inv_t")
+    )
+    joined = join(
+        timeline,
+        raw_aggregates(raw.take(raw_rows.column(0))),
+        metered.records(MeteredRecord, met_rows.column(0)),
+        invoiced.records(InvoiceLine, inv_rows.column(0)),
+    )
+    scope = {"out_of_scope": {"metered": joined.out_of_scope_metered, "invoice_lines": joined.out_of_scope_lines}}
+    report, _ = judge_all(config, timeline, joined, run_id)
+    return report, scope
+
+
+def _others_table(report: Any) -> pa.Table:
+    index = {id(period): i for i, period in enumerate(report.periods)}
+    rows: dict[str, list[Any]] = {"customer_id": [], "meter": [], "p": [], "klass": [], "followed": [], "text": []}
+    for verdict, stored in zip(report.lines, stored_lines(report), strict=True):
+        rows["customer_id"].append(stored.customer_id)
+        rows["meter"].append(stored.meter)
+        rows["p"].append(index[id(verdict.period)])
+        rows["klass"].append(stored.klass)
+        rows["followed"].append(stored.followed)
+        rows["text"].append(stored.text)
+    schema = pa.schema(
+        [
+            ("customer_id", pa.string()),
+            ("meter", pa.string()),
+            ("p", pa.int64()),
+            ("klass", pa.string()),
+            ("followed", pa.bool_()),
+            ("text", pa.string()),
+        ]
+    )
+    return pa.table(rows, schema=schema)
+
+
+def _lines(con: duckdb.DuckDBPyConnection, timeline: Timeline) -> Iterator[StoredLine]:
+    """Every line in the report's order, fetched a batch at a time."""
+    labels = [p.label for p in timeline.periods]
+    reader = con.sql(f"""
+        SELECT customer_id, meter, p, klass,
+            coalesce(text, concat(p0, customer_id, p1, line_id, p2, invoice_id, p3)) AS text, followed
+        FROM (
+            SELECT k.customer_id, k.meter, k.p, t.klass, t.followed, t.p0, t.p1, t.p2, t.p3, k.line_id,
+                k.invoice_id, NULL AS text
+            FROM keys AS k JOIN templates AS t ON {_SAME_SHAPE}
+            WHERE k.plain
+            UNION ALL
+            SELECT customer_id, meter, p, klass, followed, NULL, NULL, NULL, NULL, NULL, NULL, text FROM others
+        ) ORDER BY customer_id, meter, p""").to_arrow_reader(BATCH)
+    for batch in reader:
+        customers, meters, ps, classes, texts, followed = (column.to_pylist() for column in batch.columns)
+        yield from map(StoredLine, customers, meters, map(labels.__getitem__, ps), classes, texts, followed)
+    con.close()
