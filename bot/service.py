@@ -110,12 +110,12 @@ def reconcile_files(
                 periods = infer_periods(_column_spans(*columns), config.period.zone)
                 scan = pool.submit(aggregate, config, raw, periods, progress)
             return _reconcile_in_bulk(config, scan.result(), columns, periods, fingerprints, store, spool)
-        # A doubtful billing value: the records are read field by field (which names it).
+        # Not in bulk, or a doubtful billing value: the records are read field by field (which names it).
         records = Records(list(billing.metered()), list(billing.invoiced()))
         if periods is None or scan is None:
             spans = {(r.period_start, r.period_end) for r in (*records.metered, *records.lines)}
             periods = infer_periods(spans, config.period.zone)
-            scan = pool.submit(_aggregate, config, raw, periods, progress)
+            scan = pool.submit(aggregate, config, raw, periods, progress)
         # The billing side is grouped by key while the raw events are still being scanned.
         billed = _join_billing(config, records, periods, customers)
         aggregates = (lambda: raw_aggregates(scan.result())) if aggregate is _aggregate_table else scan.result
