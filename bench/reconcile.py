@@ -420,7 +420,7 @@ def measure_stages(data: Path, ext: str, repeat: int, other_ext: str | None) -> 
 
     def in_bulk() -> int:
         judged = judge_book(config, timeline, book["raw"], *book["billing"], run_id)
-        return sum(1 for _ in judged.lines)
+        return sum(len(page.classes) for page in judged.pages.pages)
 
     times, peak, keys = timed(in_bulk, repeat)
     figures["bulk"] = record(

@@ -23,14 +23,16 @@ from typing import TYPE_CHECKING, Any
 
 import orjson
 import pyarrow as pa
+import pyarrow.compute as pc
 
+from bot.pages import LINES_PER_PAGE
 from connectors.files import Columns, aggregate_quantity, connect, raw_aggregates
 from rules.classify import judge
 from rules.config import Config
 from rules.match import join
 from rules.models import InvoiceLine, MeteredRecord, RawAggregate
 from rules.reconcile import judge_all
-from rules.report import LineWriter, StoredLine, stored_lines, summary_of
+from rules.report import LineWriter, StoredPage, StoredPages, stored_lines, summary_of
 from rules.timeline import Timeline
 
 if TYPE_CHECKING:
@@ -41,23 +43,28 @@ MARKERS = ("\x00customer\x00", "\x00line\x00", "\x00invoice\x00")
 # A text JSON writes as it is: no quote, backslash or control character.
 _AS_IS = """NOT regexp_matches(customer_id || line_id || invoice_id, '[[:cntrl:]"\\\\]')"""
 _SHAPE = ("meter", "p", "seg", "raw_q", "met_q", "inv_q", "inv_a")
-BATCH = 50_000  # lines fetched from DuckDB at a time
 
 
 @dataclass
 class Judged:
     """A book's verdicts: the report's summary (`rules.report.summary_json`, out-of-scope
-    counts included) and its lines, in order, made as they are taken."""
+    counts included) and its lines, in order, a page at a time, made as they are taken."""
 
     summary: dict[str, Any]
-    lines: Iterator[StoredLine]
+    pages: StoredPages
 
 
 def judge_book(
-    config: Config, timeline: Timeline, raw: pa.Table, metered: Columns, invoiced: Columns, run_id: str
+    config: Config,
+    timeline: Timeline,
+    raw: pa.Table,
+    metered: Columns,
+    invoiced: Columns,
+    run_id: str,
+    page_size: int = LINES_PER_PAGE,
 ) -> Judged:
     """Every key of the book on `timeline`: `raw` as `RawEventsFile.aggregate_table` gives it,
-    the billing side as `FileBilling.columns` does."""
+    the billing side as `FileBilling.columns` does; the lines in pages of `page_size`."""
     con = connect()
     _register(con, config, timeline, raw, metered, invoiced)
     con.execute(_KEYS_SQL.format(periods=len(timeline.periods), as_is=_AS_IS))
@@ -65,7 +72,7 @@ def judge_book(
     others, scope = _judge_others(con, config, timeline, raw, metered, invoiced, run_id)
     tallies += [(ln.klass, ln.currency, ln.delta_amount, 1) for ln in others.lines]
     con.register("others", _others_table(others))
-    return Judged({**summary_of(tallies), **scope}, _lines(con, timeline))
+    return Judged({**summary_of(tallies), **scope}, StoredPages(_pages(con, timeline, page_size)))
 
 
 def _register(
@@ -104,44 +111,47 @@ def _bounds(con: duckdb.DuckDBPyConnection, table: str, columns: Columns, timeli
     )
 
 
-# Every key of the book with what decides whether it is plain and, if so, its shape.
+# Every key of the book with what decides whether it is plain and, if so, its shape: the
+# three records' rows (and the catch-up a raw row brings to a later period) in one stream,
+# summed by key in one pass.
 _KEYS_SQL = """
 CREATE TEMP TABLE keys AS
 WITH raw_k AS (
-    SELECT r, customer_id, meter, segs.p, segment, receiving, quantity,
+    SELECT customer_id, meter, segs.p, segment, receiving, quantity,
         receiving IS NOT NULL OR segment IS NULL OR len(late_event_ids) > 0 OR len(duplicate_event_ids) > 0
             OR dropped_copies > 0 OR conflicting_copies > 0 OR len(origin_periods) > 0 AS odd
     FROM raw_t LEFT JOIN segs USING (segment)
 ),
-own AS (
-    SELECT customer_id, meter, p, count(*) AS raw_n, any_value(quantity) AS raw_q, any_value(segment) AS seg,
-        bool_or(odd) AS odd
-    FROM raw_k WHERE p IS NOT NULL GROUP BY ALL
-),
-target AS (
-    SELECT DISTINCT customer_id, meter, receiving AS p, true AS targeted
+facts AS (
+    SELECT customer_id, meter, p, 1 AS raw_n, quantity AS raw_q, segment AS seg, odd, false AS targeted,
+        0 AS met_n, NULL::INTEGER AS met_q, 0 AS inv_n, NULL::INTEGER AS inv_q, NULL::INTEGER AS inv_a,
+        NULL::VARCHAR AS currency, NULL::VARCHAR AS kind, NULL::VARCHAR AS line_id, NULL::VARCHAR AS invoice_id
+    FROM raw_k WHERE p IS NOT NULL
+    UNION ALL
+    SELECT customer_id, meter, receiving, 0, NULL, NULL, false, true, 0, NULL, 0, NULL, NULL, NULL, NULL, NULL, NULL
     FROM raw_k WHERE receiving >= 0 AND receiving < {periods}
-),
-met AS (
-    SELECT customer_id, meter, b.p, count(*) AS met_n, any_value(quantity) AS met_q
+    UNION ALL
+    SELECT customer_id, meter, b.p, 0, NULL, NULL, false, false, 1, quantity, 0, NULL, NULL, NULL, NULL, NULL, NULL
     FROM met_t JOIN met_bounds AS b ON period_start = b.s AND period_end = b.e
-    WHERE b.p IS NOT NULL GROUP BY ALL
-),
-inv AS (
-    SELECT customer_id, meter, b.p, count(*) AS inv_n, any_value(quantity) AS inv_q, any_value(amount) AS inv_a,
-        any_value(currency) AS currency, any_value(kind) AS kind, any_value(line_id) AS line_id,
-        any_value(invoice_id) AS invoice_id
+    WHERE b.p IS NOT NULL
+    UNION ALL
+    SELECT customer_id, meter, b.p, 0, NULL, NULL, false, false, 0, NULL, 1, quantity, amount, currency, kind,
+        line_id, invoice_id
     FROM inv_t JOIN inv_bounds AS b ON period_start = b.s AND period_end = b.e
-    WHERE b.p IS NOT NULL GROUP BY ALL
+    WHERE b.p IS NOT NULL
 ),
 joined AS (
-    SELECT * FROM own FULL JOIN target USING (customer_id, meter, p) FULL JOIN met USING (customer_id, meter, p)
-        FULL JOIN inv USING (customer_id, meter, p)
+    -- any_value takes the first value that is not NULL: a plain key has one of each record at most
+    SELECT customer_id, meter, p, sum(raw_n) AS raw_n, any_value(raw_q) AS raw_q, any_value(seg) AS seg,
+        bool_or(odd) AS odd, bool_or(targeted) AS targeted, sum(met_n) AS met_n, any_value(met_q) AS met_q,
+        sum(inv_n) AS inv_n, any_value(inv_q) AS inv_q, any_value(inv_a) AS inv_a,
+        any_value(currency) AS currency, any_value(kind) AS kind, any_value(line_id) AS line_id,
+        any_value(invoice_id) AS invoice_id
+    FROM facts GROUP BY customer_id, meter, p
 )
 SELECT joined.*, coalesce(
-    meter_currency = currency AND customer_id <> '' AND inv_n = 1 AND kind = 'usage'
-    AND coalesce(met_n, 0) <= 1 AND coalesce(raw_n, 0) <= 1 AND NOT coalesce(odd, false) AND targeted IS NULL
-    AND {as_is}, false) AS plain
+    meter_currency = currency AND customer_id <> '' AND inv_n = 1 AND kind = 'usage' AND met_n <= 1
+    AND raw_n <= 1 AND NOT odd AND NOT targeted AND {as_is}, false) AS plain
 FROM joined LEFT JOIN meters_t USING (meter)
 """
 
@@ -251,18 +261,18 @@ def _judge_others(
 ) -> tuple[Any, dict[str, Any]]:
     """The keys that are not plain, joined and judged in Python from their records (and the
     records no period holds, counted as out of scope)."""
-    not_plain = "LEFT JOIN keys AS k ON k.customer_id = x.customer_id AND k.meter = x.meter AND k.p = {p} " + (
-        "WHERE k.plain IS NOT TRUE ORDER BY x.{row}"
-    )
-    raw_rows = con.sql(
-        "SELECT x.r FROM (SELECT * FROM raw_t LEFT JOIN segs USING (segment)) AS x "
-        + not_plain.format(p="x.p", row="r")
-    ).to_arrow_table()
+    # The records of the keys that are not plain, and those no period holds, in file order.
+    con.execute("CREATE TEMP TABLE others_k AS SELECT customer_id, meter, p FROM keys WHERE NOT plain")
+    raw_rows = con.sql("""
+        SELECT r FROM raw_t LEFT JOIN segs USING (segment)
+        WHERE p IS NULL OR (customer_id, meter, p) IN (SELECT (customer_id, meter, p) FROM others_k)
+        ORDER BY r""").to_arrow_table()
     met_rows, inv_rows = (
-        con.sql(
-            f"SELECT x.row_no FROM {table} AS x LEFT JOIN {table.replace('_t', '_bounds')} AS b "
-            "ON x.period_start = b.s AND x.period_end = b.e " + not_plain.format(p="b.p", row="row_no")
-        ).to_arrow_table()
+        con.sql(f"""
+            SELECT row_no FROM {table} AS x
+                LEFT JOIN {table.replace("_t", "_bounds")} AS b ON x.period_start = b.s AND x.period_end = b.e
+            WHERE b.p IS NULL OR (x.customer_id, x.meter, b.p) IN (SELECT (customer_id, meter, p) FROM others_k)
+            ORDER BY row_no""").to_arrow_table()
         for table in ("met_t", "inv_t")
     )
     joined = join(
@@ -299,8 +309,9 @@ def _others_table(report: Any) -> pa.Table:
     return pa.table(rows, schema=schema)
 
 
-def _lines(con: duckdb.DuckDBPyConnection, timeline: Timeline) -> Iterator[StoredLine]:
-    """Every line in the report's order, fetched a batch at a time."""
+def _pages(con: duckdb.DuckDBPyConnection, timeline: Timeline, size: int) -> Iterator[StoredPage]:
+    """Every line in the report's order, a page of `size` lines at a time: the page's text is
+    joined in Arrow, and no Python object is made for a line the store need not read."""
     labels = [p.label for p in timeline.periods]
     reader = con.sql(f"""
         SELECT customer_id, meter, p, klass,
@@ -312,8 +323,16 @@ def _lines(con: duckdb.DuckDBPyConnection, timeline: Timeline) -> Iterator[Store
             WHERE k.plain
             UNION ALL
             SELECT customer_id, meter, p, klass, followed, NULL, NULL, NULL, NULL, NULL, NULL, text FROM others
-        ) ORDER BY customer_id, meter, p""").to_arrow_reader(BATCH)
+        ) ORDER BY customer_id, meter, p""").to_arrow_reader(size)
     for batch in reader:
-        customers, meters, ps, classes, texts, followed = (column.to_pylist() for column in batch.columns)
-        yield from map(StoredLine, customers, meters, map(labels.__getitem__, ps), classes, texts, followed)
+        customers, meters, periods, classes, texts, followed = batch.columns
+        whole = pa.ListArray.from_arrays(pa.array([0, len(texts)], pa.int32()), texts)
+        yield StoredPage(
+            pc.binary_join(whole, "\n")[0].as_py(),
+            customers.to_pylist(),
+            meters.to_pylist(),
+            list(map(labels.__getitem__, periods.to_pylist())),
+            classes.to_pylist(),
+            pc.filter(texts, followed).to_pylist(),
+        )
     con.close()

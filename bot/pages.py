@@ -4,8 +4,8 @@ newline-joined and zlib-compressed.
 A run's lines repeat most of their bytes (keys, periods, causes, id prefixes), so a page of
 1,000 lines shrinks about 19 times at zlib's quickest level: the 500,000 lines of the 10M-event
 benchmark book take 18 MB instead of 340 MB, and the database writes, checkpoints and later
-reads that much less. zlib lets go of the GIL while it works, so `packed` compresses on a
-thread of its own while the lines are still being made. A line's text never holds a newline
+reads that much less. zlib lets go of the GIL while it works, so `compressed` compresses on
+a thread of its own while the lines are still being made. A line's text never holds a newline
 (compact JSON escapes them), so the newline separates lines without ambiguity.
 """
 
@@ -15,8 +15,7 @@ import zlib
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
-from itertools import count, islice
-from typing import TypeVar
+from typing import Protocol, TypeVar
 
 LINES_PER_PAGE = 1_000
 LEVEL = 1  # zlib's quickest: 19x on report lines; level 6 gains a third more at 2.6 times the time
@@ -24,6 +23,13 @@ AHEAD = 4  # pages (de)compressing at once, at most (the rest wait)
 
 T = TypeVar("T")
 R = TypeVar("R")
+
+
+class _Page(Protocol):
+    text: str
+
+
+P = TypeVar("P", bound=_Page)
 
 
 def pack(texts: list[str]) -> bytes:
@@ -44,25 +50,14 @@ def unpack_text(body: bytes) -> str:
     return zlib.decompress(body).decode()
 
 
-def packed(
-    texts: Iterable[str], size: int = LINES_PER_PAGE, seen: Callable[[str], object] | None = None
-) -> Iterator[tuple[int, bytes]]:
-    """`texts` in pages of `size` lines, as (position of the page's first line, compressed page),
-    in order; pages are compressed on a worker thread while the next ones are gathered.
-    `seen`, when given, is handed each page's text (its lines joined by newlines) in order,
-    before the page is compressed: a writer that needs the same texts gets them without
-    decompressing them again."""
-    lines = iter(texts)
-    pages = map("\n".join, iter(lambda: list(islice(lines, size)), []))
-    if seen is not None:
-        pages = _observed(pages, seen)
-    return zip(count(0, size), _ahead(compress, pages), strict=False)  # every page but the last is full
+def compressed(pages: Iterable[P]) -> Iterator[tuple[P, bytes]]:
+    """Each page with its text compressed (a page has a `text`: its lines joined by newlines),
+    in order, compressed on a worker thread while the next pages are made."""
+    return _ahead(_with_body, pages)
 
 
-def _observed(items: Iterable[T], seen: Callable[[T], object]) -> Iterator[T]:
-    for item in items:
-        seen(item)
-        yield item
+def _with_body(page: P) -> tuple[P, bytes]:
+    return page, compress(page.text)
 
 
 def unpacked(bodies: Iterable[bytes]) -> Iterator[str]:

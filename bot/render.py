@@ -116,7 +116,7 @@ class JsonSpool:
         self._file.write(self._pieces.opening)
 
     def page(self, lines: str) -> None:
-        """One page of line texts joined by newlines (`bot.pages.packed`'s `seen`)."""
+        """One page of line texts joined by newlines (`Store.save_run`'s `seen`)."""
         assert self._pieces is not None, "begin() first"
         self._file.write(self._pieces.block(lines))
 

@@ -20,7 +20,16 @@ from rules.match import Joined, add_raw, join_billing
 from rules.models import InvoiceLine, MeteredRecord, Period, RawAggregate, Report
 from rules.periods import infer_periods, label_for
 from rules.reconcile import CALCULATION_VERSION, judge_all, reconcile, run_id_for, without_cyclic_gc
-from rules.report import LineWriter, StoredLine, head_json, parse_line, report_head, report_json, stored_lines
+from rules.report import (
+    LineWriter,
+    StoredLine,
+    StoredPages,
+    head_json,
+    parse_line,
+    report_head,
+    report_json,
+    stored_lines,
+)
 from rules.timeline import build_timeline
 
 if TYPE_CHECKING:  # the CLI makes the spool; the worker's runs never load the report writers
@@ -148,9 +157,9 @@ def _reconcile_in_bulk(
     timeline = build_timeline(periods, config.meters, config.period.grace)
     inputs = fingerprints()
     run_id = run_id_for(config.fingerprint, inputs, periods, frozenset())
-    judged = judge_book(config, timeline, aggregates, *columns, run_id)
+    judged = judge_book(config, timeline, aggregates, *columns, run_id, store.lines_per_page)
     head = head_json(run_id, periods, judged.summary)
-    return _store(store, head, judged.lines, config, inputs, periods, frozenset(), spool)
+    return _store(store, head, judged.pages, config, inputs, periods, frozenset(), spool)
 
 
 def reconcile_platform(
@@ -224,7 +233,7 @@ def _reconcile(
 def _store(
     store: Store,
     head: dict[str, Any],
-    lines: Iterable[StoredLine],
+    lines: Iterable[StoredLine] | StoredPages,
     config: Config,
     inputs: dict[str, str],
     periods: tuple[Period, ...],
@@ -346,7 +355,7 @@ def _scope(joined: Joined) -> dict[str, Any]:
 def save(
     store: Store,
     head: dict[str, Any],
-    lines: Iterable[StoredLine],
+    lines: Iterable[StoredLine] | StoredPages,
     config: Config,
     inputs: dict[str, str],
     periods: tuple[Period, ...],

@@ -19,11 +19,12 @@ import json
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
+from itertools import repeat
 from typing import Any
 
 from bot.database import Backend, DatabaseError, open_backend
-from bot.pages import LINES_PER_PAGE, pack, packed, unpack, unpacked
-from rules.report import StoredLine, parse_line
+from bot.pages import LINES_PER_PAGE, compressed, pack, unpack, unpacked
+from rules.report import StoredLine, StoredPage, StoredPages, pages_of, parse_line
 
 INBOX_STATES = ("pending", "processing", "done", "ignored", "dead")
 TABLES = (
@@ -149,15 +150,16 @@ class Store:
         self,
         record: RunRecord,
         summary: dict[str, Any],
-        lines: Iterable[StoredLine],
+        lines: Iterable[StoredLine] | StoredPages,
         seen: Callable[[str], object] | None = None,
     ) -> bool:
         """Store a finished run with its lines and discrepancies; False if it was already done.
 
         A run started earlier (`start_run`) and cut short is completed under the same id.
-        `seen` is handed the stored line texts a page at a time, in order, as they are stored
-        (`bot.pages.packed`); only a call that returns True has handed it every page (a run done
-        already hands it none, one that another process finishes first may hand it some).
+        `lines` come one at a time, or a page at a time (`StoredPages`). `seen` is handed the
+        stored line texts a page at a time, in order, as they are stored; only a call that
+        returns True has handed it every page (a run done already hands it none, one that
+        another process finishes first may hand it some).
         """
         if self.run_status(record.run_id) == "done":
             return False
@@ -185,7 +187,7 @@ class Store:
         self,
         record: RunRecord,
         summary: dict[str, Any],
-        lines: Iterable[StoredLine],
+        lines: Iterable[StoredLine] | StoredPages,
         seen: Callable[[str], object] | None,
     ) -> bool:
         summary_text = json.dumps(summary, sort_keys=True)
@@ -213,38 +215,41 @@ class Store:
         return True
 
     def _insert_lines(
-        self, run_id: str, lines: Iterable[StoredLine], seen: Callable[[str], object] | None = None
+        self, run_id: str, lines: Iterable[StoredLine] | StoredPages, seen: Callable[[str], object] | None = None
     ) -> None:
-        """The run's lines in one pass (they may be made one at a time): their texts in compressed
-        pages, each line's key and class in run_lines (the index), then the run's discrepancies
-        and timing items, in the order of the lines."""
-        keys: list[tuple[Any, ...]] = []
+        """The run's lines in one pass (they may be made as they are taken): their texts in
+        compressed pages, each line's key and class in run_lines (the index), then the run's
+        discrepancies and timing items, in the order of the lines."""
         breaks: list[dict[str, Any]] = []
         timing: list[dict[str, Any]] = []
+        bodies: list[tuple[str, int, bytes]] = []
+        pages = lines.pages if isinstance(lines, StoredPages) else pages_of(lines, self.lines_per_page)
 
-        def texts() -> Iterator[str]:
-            for position, line in enumerate(lines):
-                if line.followed:  # a discrepancy, a timing item, or a line clearing one: read it
-                    shown = parse_line(line.text)
-                    if line.klass != "match":
-                        breaks.append(shown)
-                    if line.klass == "timing" or shown["evidence"]["clears"]:
-                        timing.append(shown)
-                keys.append((run_id, position, line.customer_id, line.meter, line.period, line.klass))
-                yield line.text
-
-        pages: list[tuple[str, int, bytes]] = []
+        def read(page: StoredPage) -> StoredPage:
+            if seen is not None:
+                seen(page.text)
+            for text in page.followed:  # a discrepancy, a timing item, or a line clearing one: read it
+                shown = parse_line(text)
+                if shown["class"] != "match":
+                    breaks.append(shown)
+                if shown["class"] == "timing" or shown["evidence"]["clears"]:
+                    timing.append(shown)
+            return page
 
         def rows() -> Iterator[tuple[Any, ...]]:
-            # Making the texts and pages is driven from here, so that it overlaps with the
-            # database's insert of the rows given so far (Backend.insert_many).
-            for first, body in packed(texts(), self.lines_per_page, seen):
-                pages.append((run_id, first, body))
-                yield from _drain(keys)
-            yield from _drain(keys)
+            # The pages are made and compressed as the database inserts the rows given so far
+            # (Backend.insert_many).
+            position = 0
+            for page, body in compressed(map(read, pages)):
+                bodies.append((run_id, position, body))
+                end = position + len(page.classes)
+                yield from zip(
+                    repeat(run_id), range(position, end), page.customers, page.meters, page.periods, page.classes
+                )
+                position = end
 
         self.backend.insert_many("run_lines", ("run_id", "position", "customer_id", "meter", "period", "class"), rows())
-        self.backend.executemany("INSERT INTO run_pages (run_id, first_position, body) VALUES (?, ?, ?)", pages)
+        self.backend.executemany("INSERT INTO run_pages (run_id, first_position, body) VALUES (?, ?, ?)", bodies)
         self._record_discrepancies(run_id, breaks)
         self._watch(run_id, timing)
 
@@ -778,12 +783,6 @@ def _run_values(record: RunRecord) -> list[Any]:
         record.invoice_id,
         record.customer_id,
     ]
-
-
-def _drain(items: list[Any]) -> Iterator[Any]:
-    """The items given so far, in order; the list is emptied (more may be added after)."""
-    given, items[:] = items[:], []
-    return iter(given)
 
 
 def _first_invoice(line: dict[str, Any]) -> str | None:

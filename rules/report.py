@@ -11,6 +11,7 @@ from collections import defaultdict
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from decimal import Decimal
+from itertools import islice
 from operator import attrgetter
 from typing import Any
 
@@ -266,6 +267,42 @@ def stored_lines(report: Report) -> Iterator[StoredLine]:
     for line in report.lines:
         followed = line.klass != "match" or bool(line.evidence.clears)
         yield StoredLine(line.customer_id, line.meter, line.period.label, line.klass, write(line), followed)
+
+
+@dataclass(slots=True)
+class StoredPage:
+    """Consecutive report lines as the store keeps them: their texts joined by newlines (a
+    line's text never holds one), each line's key and class (the store's index), and the texts
+    of the lines the store must read (`StoredLine.followed`), in order."""
+
+    text: str
+    customers: list[str]
+    meters: list[str]
+    periods: list[str]
+    classes: list[str]
+    followed: list[str]
+
+
+@dataclass(frozen=True)
+class StoredPages:
+    """A run's lines handed to the store a page at a time (`bot.bulk` makes them so), rather
+    than as `StoredLine`s."""
+
+    pages: Iterable[StoredPage]
+
+
+def pages_of(lines: Iterable[StoredLine], size: int) -> Iterator[StoredPage]:
+    """`lines` in pages of `size` lines (the last may hold fewer)."""
+    remaining = iter(lines)
+    while chunk := list(islice(remaining, size)):
+        yield StoredPage(
+            "\n".join([ln.text for ln in chunk]),
+            [ln.customer_id for ln in chunk],
+            [ln.meter for ln in chunk],
+            [ln.period for ln in chunk],
+            [ln.klass for ln in chunk],
+            [ln.text for ln in chunk if ln.followed],
+        )
 
 
 def stored_from_json(lines: Iterable[dict[str, Any]]) -> Iterator[StoredLine]:

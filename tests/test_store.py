@@ -212,10 +212,13 @@ def test_many_rows_are_inserted_as_given(store):
     assert [tuple(row) for row in back] == rows
 
 
-def test_pages_hold_the_texts_in_order_and_name_their_first_line():
-    from bot.pages import packed, unpack
+def test_pages_are_compressed_in_order():
+    from bot.pages import compressed, unpack
+    from rules.report import StoredLine, pages_of
 
     texts = [f'{{"n":{n},"s":"é\\n"}}' for n in range(29)]
-    pages = list(packed(iter(texts), size=3))  # ten pages, more than are compressed at once
-    assert [first for first, _ in pages] == list(range(0, 29, 3))
+    lines = (StoredLine(f"cus_{n}", "m", "2026-10", "match", text, False) for n, text in enumerate(texts))
+    pages = list(compressed(pages_of(lines, 3)))  # ten pages, more than are compressed at once
+    assert [len(page.classes) for page, _ in pages] == [3] * 9 + [2]
+    assert [page.customers[0] for page, _ in pages] == [f"cus_{n}" for n in range(0, 29, 3)]
     assert [text for _, body in pages for text in unpack(body)] == texts
