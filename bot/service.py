@@ -99,7 +99,7 @@ def reconcile_files(
     billing = FileBilling(sources.metered, sources.invoiced)
     # A stored run of the whole book judges its plain keys in bulk (bot.bulk); the raw
     # aggregates then stay an Arrow table, the billing side columns.
-    bulk = store is not None and not customers and isinstance(raw, RawEventsFile)
+    bulk = store is not None and not customers
     aggregate = _aggregate_table if bulk else _aggregate
     with without_cyclic_gc(), ThreadPoolExecutor(max_workers=2) as pool:
         # Hashing the files overlaps with DuckDB's scan instead of adding to it; with the periods
@@ -259,7 +259,7 @@ def _aggregate(
 
 
 def _aggregate_table(
-    config: Config, raw: RawEventsFile, periods: tuple[Period, ...], progress: Callable[..., Any] | None
+    config: Config, raw: RawSource, periods: tuple[Period, ...], progress: Callable[..., Any] | None
 ) -> pa.Table:
     timeline = build_timeline(periods, config.meters, config.period.grace)
     return raw.aggregate_table(timeline, config.evidence_limit, config.period.timezone, progress)

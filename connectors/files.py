@@ -753,6 +753,33 @@ def raw_aggregates(result: pa.Table) -> list[RawAggregate]:
     )
 
 
+def aggregates_table(aggregates: list[RawAggregate]) -> pa.Table:
+    """`raw_aggregates`' inverse: the records as the Arrow table `RawEventsFile.aggregate_table`
+    gives, for a source that makes records (the quantity's text reads back as the same
+    Decimal when it is normalized, as every source's is)."""
+    import pyarrow as pa
+
+    ids = pa.list_(pa.field("l", pa.string()))
+    schema = pa.schema(
+        [
+            ("customer_id", pa.string()),
+            ("meter", pa.string()),
+            ("segment", pa.int32()),
+            ("receiving", pa.int32()),
+            ("quantity", pa.string()),
+            ("events", pa.int64()),
+            ("late_event_ids", ids),
+            ("duplicate_event_ids", ids),
+            ("dropped_copies", pa.int64()),
+            ("conflicting_copies", pa.int64()),
+            ("origin_periods", ids),
+        ]
+    )
+    columns = {name: [getattr(a, name) for a in aggregates] for name in schema.names}
+    columns["quantity"] = [str(a.quantity) for a in aggregates]
+    return pa.table(columns, schema=schema)
+
+
 def aggregate_quantity(text: str | None) -> Decimal:
     return Decimal(text).normalize() if text is not None else Decimal(0)
 

@@ -38,7 +38,7 @@ from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from datetime import datetime
 from decimal import Decimal
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import sqlalchemy as sa
 from sqlalchemy.dialects import postgresql
@@ -46,10 +46,14 @@ from sqlalchemy.engine import URL, Engine, make_url
 from sqlalchemy.exc import ArgumentError, DataError, NoSuchModuleError, NoSuchTableError, SQLAlchemyError
 
 from connectors.base import ConnectorError, InputError
+from connectors.files import aggregates_table
 from rules.config import RawTable
 from rules.models import RawAggregate
 from rules.reconcile import without_cyclic_gc
 from rules.timeline import Timeline
+
+if TYPE_CHECKING:
+    import pyarrow as pa
 
 TEXT = sa.Text()
 KEY = ("customer_id", "meter", "segment_no", "receiving", "origin")
@@ -156,6 +160,17 @@ class RawEventsSQL:
             aggregates = _merge(sums, evidence, evidence_limit)
             self._digest = _digest(aggregates)
         return aggregates
+
+    def aggregate_table(
+        self,
+        timeline: Timeline,
+        evidence_limit: int,
+        zone: str = "UTC",
+        progress: Callable[..., Any] | None = None,
+        customers: frozenset[str] = frozenset(),
+    ) -> pa.Table:
+        """`aggregate`'s records as the Arrow table the files source gives (`bot.bulk` takes it)."""
+        return aggregates_table(self.aggregate(timeline, evidence_limit, zone, progress, customers))
 
     def plans(self, timeline: Timeline, evidence_limit: int, zone: str = "UTC") -> list[str]:
         """EXPLAIN ANALYZE (PostgreSQL) of each statement `aggregate()` runs, run the same way
