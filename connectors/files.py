@@ -19,6 +19,7 @@ from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from datetime import datetime
 from decimal import Decimal
+from operator import attrgetter
 from pathlib import Path, PurePosixPath
 from sys import intern
 from typing import TYPE_CHECKING, Any
@@ -775,8 +776,9 @@ def aggregates_table(aggregates: list[RawAggregate]) -> pa.Table:
             ("origin_periods", ids),
         ]
     )
-    columns = {name: [getattr(a, name) for a in aggregates] for name in schema.names}
-    columns["quantity"] = [str(a.quantity) for a in aggregates]
+    rows = list(map(attrgetter(*schema.names), aggregates))  # a tuple of fields each
+    columns = {name: [row[i] for row in rows] for i, name in enumerate(schema.names)}
+    columns["quantity"] = list(map(str, columns["quantity"]))
     return pa.table(columns, schema=schema)
 
 

@@ -21,6 +21,8 @@ import psycopg
 import pytest
 import sqlalchemy as sa
 from click.testing import CliRunner
+from hypothesis import given
+from hypothesis import strategies as st
 from psycopg import sql
 
 from bot.cli import main
@@ -29,6 +31,7 @@ from connectors.files import RawEventsFile
 from connectors.raw import is_database, raw_source, resolve
 from connectors.sql import Aggregation, RawEventsSQL, _begin, redact
 from rules.config import ConfigError, RawTable, parse_config
+from rules.models import RawAggregate
 from rules.periods import month
 from rules.timeline import build_timeline
 from tests.book import RAW, config_text, event, line, metered, write_book, write_csv
@@ -345,3 +348,20 @@ def test_the_query_plans_show_the_aggregation_in_the_database(schema):
     plans = source.plans(timeline((2026, 10)), 10)
     assert len(plans) == 3  # per-key sums, duplicate ids, copies and late ids
     assert all("Scan on plan_events" in plan and "Aggregate" in plan for plan in plans)
+
+
+@given(
+    st.text(max_size=8),
+    st.text(max_size=8),
+    st.one_of(st.none(), st.integers(0, 9)),
+    st.one_of(st.none(), st.integers(0, 9)),
+    st.decimals(allow_nan=False, allow_infinity=False),
+    st.integers(0, 10**9),
+    st.lists(st.text(max_size=5), max_size=2).map(tuple),
+    st.integers(0, 5),
+)
+def test_the_digest_reads_each_aggregate_as_its_repr(customer, meter, segment, receiving, quantity, events, ids, n):
+    from connectors.sql import _shown
+
+    aggregate = RawAggregate(customer, meter, segment, receiving, quantity, events, ids, ids[::-1], n, n, ids)
+    assert _shown(aggregate) == repr(aggregate)
