@@ -328,7 +328,7 @@ def _pages(con: duckdb.DuckDBPyConnection, timeline: Timeline, size: int) -> Ite
         customers, meters, periods, classes, texts, followed = batch.columns
         whole = pa.ListArray.from_arrays(pa.array([0, len(texts)], pa.int32()), texts)
         yield StoredPage(
-            pc.binary_join(whole, "\n")[0].as_py(),
+            pc.binary_join(whole, "\n")[0].as_buffer().to_pybytes(),
             customers.to_pylist(),
             meters.to_pylist(),
             list(map(labels.__getitem__, periods.to_pylist())),

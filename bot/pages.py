@@ -26,7 +26,7 @@ R = TypeVar("R")
 
 
 class _Page(Protocol):
-    text: str
+    data: bytes
 
 
 P = TypeVar("P", bound=_Page)
@@ -51,13 +51,13 @@ def unpack_text(body: bytes) -> str:
 
 
 def compressed(pages: Iterable[P]) -> Iterator[tuple[P, bytes]]:
-    """Each page with its text compressed (a page has a `text`: its lines joined by newlines),
-    in order, compressed on a worker thread while the next pages are made."""
+    """Each page with its text compressed (a page has `data`: its lines joined by newlines, in
+    UTF-8), in order, compressed on a worker thread while the next pages are made."""
     return _ahead(_with_body, pages)
 
 
 def _with_body(page: P) -> tuple[P, bytes]:
-    return page, compress(page.text)
+    return page, zlib.compress(page.data, LEVEL)
 
 
 def unpacked(bodies: Iterable[bytes]) -> Iterator[str]:

@@ -12,7 +12,7 @@ import tempfile
 from collections.abc import Iterable, Iterator
 from itertools import islice
 from pathlib import Path
-from typing import Any, TextIO
+from typing import Any, BinaryIO, TextIO
 
 import orjson
 from rich.console import Console
@@ -86,9 +86,12 @@ class JsonPieces:
 
     def block(self, lines: str) -> str:
         """A block of line texts joined by newlines, as it stands in the report."""
-        piece = self._separator + lines.replace("\n", ",\n    ")
-        self._separator = ",\n    "
-        return piece
+        return self.separator() + lines.replace("\n", ",\n    ")
+
+    def separator(self) -> str:
+        """What stands before the next block: the lines' opening bracket, then a comma."""
+        separator, self._separator = self._separator, ",\n    "
+        return separator
 
     def closing(self) -> str:
         return "[]\n}\n" if self._separator.startswith("[") else "\n  ]\n}\n"
@@ -107,22 +110,22 @@ class JsonSpool:
         self.out = out
         handle, name = tempfile.mkstemp(prefix=".recon-report-", suffix=".json", dir=out.parent if out else None)
         self.path = Path(name)
-        self._file: TextIO = os.fdopen(handle, "w", encoding="utf-8")
+        self._file: BinaryIO = os.fdopen(handle, "wb")
         self._pieces: JsonPieces | None = None
         self.complete = False
 
     def begin(self, head: dict[str, Any]) -> None:
         self._pieces = JsonPieces(head)
-        self._file.write(self._pieces.opening)
+        self._file.write(self._pieces.opening.encode())
 
-    def page(self, lines: str) -> None:
-        """One page of line texts joined by newlines (`Store.save_run`'s `seen`)."""
+    def page(self, lines: bytes) -> None:
+        """One page of line texts joined by newlines, in UTF-8 (`Store.save_run`'s `seen`)."""
         assert self._pieces is not None, "begin() first"
-        self._file.write(self._pieces.block(lines))
+        self._file.write(self._pieces.separator().encode() + lines.replace(b"\n", b",\n    "))
 
     def finish(self) -> None:
         assert self._pieces is not None, "begin() first"
-        self._file.write(self._pieces.closing())
+        self._file.write(self._pieces.closing().encode())
         self._file.close()
         self.complete = True
 

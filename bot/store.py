@@ -151,15 +151,15 @@ class Store:
         record: RunRecord,
         summary: dict[str, Any],
         lines: Iterable[StoredLine] | StoredPages,
-        seen: Callable[[str], object] | None = None,
+        seen: Callable[[bytes], object] | None = None,
     ) -> bool:
         """Store a finished run with its lines and discrepancies; False if it was already done.
 
         A run started earlier (`start_run`) and cut short is completed under the same id.
         `lines` come one at a time, or a page at a time (`StoredPages`). `seen` is handed the
-        stored line texts a page at a time, in order, as they are stored; only a call that
-        returns True has handed it every page (a run done already hands it none, one that
-        another process finishes first may hand it some).
+        stored line texts a page at a time (joined by newlines, in UTF-8), in order, as they
+        are stored; only a call that returns True has handed it every page (a run done already
+        hands it none, one that another process finishes first may hand it some).
         """
         if self.run_status(record.run_id) == "done":
             return False
@@ -188,7 +188,7 @@ class Store:
         record: RunRecord,
         summary: dict[str, Any],
         lines: Iterable[StoredLine] | StoredPages,
-        seen: Callable[[str], object] | None,
+        seen: Callable[[bytes], object] | None,
     ) -> bool:
         summary_text = json.dumps(summary, sort_keys=True)
         with self.backend.transaction():
@@ -215,7 +215,7 @@ class Store:
         return True
 
     def _insert_lines(
-        self, run_id: str, lines: Iterable[StoredLine] | StoredPages, seen: Callable[[str], object] | None = None
+        self, run_id: str, lines: Iterable[StoredLine] | StoredPages, seen: Callable[[bytes], object] | None = None
     ) -> None:
         """The run's lines in one pass (they may be made as they are taken): their texts in
         compressed pages, each line's key and class in run_lines (the index), then the run's
@@ -227,7 +227,7 @@ class Store:
 
         def read(page: StoredPage) -> StoredPage:
             if seen is not None:
-                seen(page.text)
+                seen(page.data)
             for text in page.followed:  # a discrepancy, a timing item, or a line clearing one: read it
                 shown = parse_line(text)
                 if shown["class"] != "match":

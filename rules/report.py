@@ -272,10 +272,10 @@ def stored_lines(report: Report) -> Iterator[StoredLine]:
 @dataclass(slots=True)
 class StoredPage:
     """Consecutive report lines as the store keeps them: their texts joined by newlines (a
-    line's text never holds one), each line's key and class (the store's index), and the texts
-    of the lines the store must read (`StoredLine.followed`), in order."""
+    line's text never holds one), in UTF-8, each line's key and class (the store's index), and
+    the texts of the lines the store must read (`StoredLine.followed`), in order."""
 
-    text: str
+    data: bytes
     customers: list[str]
     meters: list[str]
     periods: list[str]
@@ -296,7 +296,7 @@ def pages_of(lines: Iterable[StoredLine], size: int) -> Iterator[StoredPage]:
     remaining = iter(lines)
     while chunk := list(islice(remaining, size)):
         yield StoredPage(
-            "\n".join([ln.text for ln in chunk]),
+            "\n".join([ln.text for ln in chunk]).encode(),
             [ln.customer_id for ln in chunk],
             [ln.meter for ln in chunk],
             [ln.period for ln in chunk],
