@@ -29,10 +29,10 @@ from bot.pages import LINES_PER_PAGE
 from connectors.files import Columns, aggregate_quantity, connect, raw_aggregates
 from rules.classify import judge
 from rules.config import Config
-from rules.match import join
+from rules.match import KeyFacts, join
 from rules.models import InvoiceLine, MeteredRecord, RawAggregate
 from rules.reconcile import judge_all
-from rules.report import LineWriter, StoredPage, StoredPages, stored_lines, summary_of
+from rules.report import LineWriter, StoredPage, StoredPages, is_followed, stored_lines, summary_of
 from rules.timeline import Timeline
 
 if TYPE_CHECKING:
@@ -43,6 +43,8 @@ MARKERS = ("\x00customer\x00", "\x00line\x00", "\x00invoice\x00")
 # A text JSON writes as it is: no quote, backslash or control character.
 _AS_IS = """NOT regexp_matches(customer_id || line_id || invoice_id, '[[:cntrl:]"\\\\]')"""
 _SHAPE = ("meter", "p", "seg", "raw_q", "met_q", "inv_q", "inv_a")
+_PARTS = tuple(f"p{i}" for i in range(len(MARKERS) + 1))  # a template's text around the markers
+_BILLING = {"met_t": ("met_t", "met_bounds"), "inv_t": ("inv_t", "inv_bounds")}  # table, its periods
 
 
 @dataclass
@@ -84,15 +86,15 @@ def _register(
     invoiced: Columns,
 ) -> None:
     con.register("raw_t", raw.append_column("r", pa.array(range(raw.num_rows), pa.int64())))
-    for name, columns, texts in (
-        ("met_t", metered, ("customer_id", "meter")),
-        ("inv_t", invoiced, ("customer_id", "meter", "currency", "kind")),
+    for (name, bounds), columns, texts in (
+        (_BILLING["met_t"], metered, ("customer_id", "meter")),
+        (_BILLING["inv_t"], invoiced, ("customer_id", "meter", "currency", "kind")),
     ):
         table = columns.rows
         for column in texts:
             table = table.set_column(table.schema.get_field_index(column), column, columns.texts(column))
         con.register(name, table.append_column("row_no", pa.array(range(len(columns)), pa.int64())))
-        con.register(name.replace("_t", "_bounds"), _bounds(con, name, columns, timeline))
+        con.register(bounds, _bounds(con, name, columns, timeline))
     segments = [(i, s.period_index) for i, s in enumerate(timeline.segments)]
     con.register("segs", pa.table({"segment": [i for i, _ in segments], "p": [p for _, p in segments]}))
     plain = {name: m.currency for name, m in config.meters.items() if not m.plan}
@@ -118,8 +120,9 @@ _KEYS_SQL = """
 CREATE TEMP TABLE keys AS
 WITH raw_k AS (
     SELECT customer_id, meter, segs.p, segment, receiving, quantity,
-        receiving IS NOT NULL OR segment IS NULL OR len(late_event_ids) > 0 OR len(duplicate_event_ids) > 0
-            OR dropped_copies > 0 OR conflicting_copies > 0 OR len(origin_periods) > 0 AS odd
+        receiving IS NOT NULL OR segment IS NULL OR coalesce(len(late_event_ids), 0) > 0
+            OR coalesce(len(duplicate_event_ids), 0) > 0 OR dropped_copies > 0 OR conflicting_copies > 0
+            OR coalesce(len(origin_periods), 0) > 0 AS odd
     FROM raw_t LEFT JOIN segs USING (segment)
 ),
 facts AS (
@@ -166,7 +169,7 @@ _TEMPLATES = pa.schema(
         ("inv_a", pa.int64()),
         ("klass", pa.string()),
         ("followed", pa.bool_()),
-        *((f"p{i}", pa.string()) for i in range(4)),
+        *((part, pa.string()) for part in _PARTS),
     ]
 )
 _SAME_SHAPE = " AND ".join(f"k.{c} IS NOT DISTINCT FROM t.{c}" for c in _SHAPE)
@@ -181,12 +184,12 @@ def _judge_shapes(
     write = LineWriter()
     segments = dict(enumerate(timeline.segments))
     markers = [orjson.dumps(m).decode()[1:-1] for m in MARKERS]
-    rows: dict[str, list[Any]] = {name: [] for name in (*_SHAPE, "klass", "followed", "p0", "p1", "p2", "p3")}
+    rows: dict[str, list[Any]] = {name: [] for name in (*_SHAPE, "klass", "followed", *_PARTS)}
     tallies = []
     for *shape, count in shapes:
         meter, p, seg, raw_q, met_q, inv_q, inv_a = shape
         verdict = judge(
-            _stand_in(timeline, meter, p, seg, raw_q, met_q, metered, invoiced.distinct, inv_q, inv_a, config),
+            _stand_in(config, timeline, shape, metered.distinct, invoiced.distinct),
             config.meters[meter],
             timeline.periods[p],
             segments,
@@ -198,9 +201,9 @@ def _judge_shapes(
         for name, value in zip(_SHAPE, shape, strict=True):
             rows[name].append(value)
         rows["klass"].append(verdict.klass)
-        rows["followed"].append(verdict.klass != "match" or bool(verdict.evidence.clears))
-        for i, part in enumerate(parts):
-            rows[f"p{i}"].append(part)
+        rows["followed"].append(is_followed(verdict))
+        for name, part in zip(_PARTS, parts, strict=True):
+            rows[name].append(part)
         tallies.append((verdict.klass, verdict.currency, verdict.delta_amount, count))
     con.register("templates", pa.table(rows, schema=_TEMPLATES))
     if len(rows["meter"]) < len(shapes):  # a shape not written from a template: its keys are judged in Python
@@ -211,30 +214,22 @@ def _judge_shapes(
 
 
 def _stand_in(
-    timeline: Timeline,
-    meter: str,
-    p: int,
-    seg: int | None,
-    raw_q: str | None,
-    met_q: int | None,
-    metered: Columns,
-    line_values: dict[str, list[Any]],
-    inv_q: int,
-    inv_a: int,
     config: Config,
-) -> Any:
-    """The facts of a key of this shape whose customer and ids are the markers, joined as any key's are."""
+    timeline: Timeline,
+    shape: list[Any],
+    metered: dict[str, list[Any]],
+    invoiced: dict[str, list[Any]],
+) -> KeyFacts:
+    """The facts of a key of this shape (`_SHAPE`'s fields) whose customer and ids are the
+    markers, joined as any key's are; `metered` and `invoiced` are the billing columns' distinct
+    values."""
+    meter, p, seg, raw_q, met_q, inv_q, inv_a = shape
     customer, line_id, invoice_id = MARKERS
-    period = timeline.periods[p]
+    start, end = timeline.periods[p].start, timeline.periods[p].end
     raw = [RawAggregate(customer, meter, seg, None, aggregate_quantity(raw_q), 1)] if raw_q is not None else []
-    met = (
-        [MeteredRecord(customer, meter, period.start, period.end, metered.distinct["quantity"][met_q])]
-        if met_q is not None
-        else []
-    )
-    quantity, amount = line_values["quantity"][inv_q], line_values["amount"][inv_a]
+    met = [MeteredRecord(customer, meter, start, end, metered["quantity"][met_q])] if met_q is not None else []
+    quantity, amount = invoiced["quantity"][inv_q], invoiced["amount"][inv_a]
     currency = config.meters[meter].currency
-    start, end = period.start, period.end
     line = InvoiceLine(invoice_id, line_id, customer, meter, start, end, quantity, amount, currency, "usage")
     return join(timeline, raw, met, [line]).facts[(customer, meter, p)]
 
@@ -244,7 +239,7 @@ def _split(text: str, markers: list[str]) -> list[str] | None:
     parts = []
     for marker in markers:
         head, found, text = text.partition(marker)
-        if not found or marker in text or marker in head:
+        if not found or marker in text:
             return None
         parts.append(head)
     return [*parts, text]
@@ -270,10 +265,10 @@ def _judge_others(
     met_rows, inv_rows = (
         con.sql(f"""
             SELECT row_no FROM {table} AS x
-                LEFT JOIN {table.replace("_t", "_bounds")} AS b ON x.period_start = b.s AND x.period_end = b.e
+                LEFT JOIN {bounds} AS b ON x.period_start = b.s AND x.period_end = b.e
             WHERE b.p IS NULL OR (x.customer_id, x.meter, b.p) IN (SELECT (customer_id, meter, p) FROM others_k)
             ORDER BY row_no""").to_arrow_table()
-        for table in ("met_t", "inv_t")
+        for table, bounds in _BILLING.values()
     )
     joined = join(
         timeline,
@@ -324,15 +319,17 @@ def _pages(con: duckdb.DuckDBPyConnection, timeline: Timeline, size: int) -> Ite
             UNION ALL
             SELECT customer_id, meter, p, klass, followed, NULL, NULL, NULL, NULL, NULL, NULL, text FROM others
         ) ORDER BY customer_id, meter, p""").to_arrow_reader(size)
-    for batch in reader:
-        customers, meters, periods, classes, texts, followed = batch.columns
-        whole = pa.ListArray.from_arrays(pa.array([0, len(texts)], pa.int32()), texts)
-        yield StoredPage(
-            pc.binary_join(whole, "\n")[0].as_buffer().to_pybytes(),
-            customers.to_pylist(),
-            meters.to_pylist(),
-            list(map(labels.__getitem__, periods.to_pylist())),
-            classes.to_pylist(),
-            pc.filter(texts, followed).to_pylist(),
-        )
-    con.close()
+    try:
+        for batch in reader:
+            customers, meters, periods, classes, texts, followed = batch.columns
+            whole = pa.ListArray.from_arrays(pa.array([0, len(texts)], pa.int32()), texts)
+            yield StoredPage(
+                pc.binary_join(whole, "\n")[0].as_buffer().to_pybytes(),
+                customers.to_pylist(),
+                meters.to_pylist(),
+                list(map(labels.__getitem__, periods.to_pylist())),
+                classes.to_pylist(),
+                pc.filter(texts, followed).to_pylist(),
+            )
+    finally:  # also when the store stops taking pages (a run done already, a failed insert)
+        con.close()

@@ -30,7 +30,7 @@ from rules.report import (
     report_json,
     stored_lines,
 )
-from rules.timeline import build_timeline
+from rules.timeline import Timeline, build_timeline
 
 if TYPE_CHECKING:  # the CLI makes the spool; the worker's runs never load the report writers
     import pyarrow as pa
@@ -254,15 +254,18 @@ def _store(
 def _aggregate(
     config: Config, raw: RawSource, periods: tuple[Period, ...], progress: Callable[..., Any] | None
 ) -> list[RawAggregate]:
-    timeline = build_timeline(periods, config.meters, config.period.grace)
-    return raw.aggregate(timeline, config.evidence_limit, config.period.timezone, progress)
+    return raw.aggregate(*_scan_args(config, periods), progress)
 
 
 def _aggregate_table(
     config: Config, raw: RawSource, periods: tuple[Period, ...], progress: Callable[..., Any] | None
 ) -> pa.Table:
+    return raw.aggregate_table(*_scan_args(config, periods), progress)
+
+
+def _scan_args(config: Config, periods: tuple[Period, ...]) -> tuple[Timeline, int, str]:
     timeline = build_timeline(periods, config.meters, config.period.grace)
-    return raw.aggregate_table(timeline, config.evidence_limit, config.period.timezone, progress)
+    return timeline, config.evidence_limit, config.period.timezone
 
 
 def _drain(items: list[Any]) -> Iterator[Any]:
@@ -361,7 +364,7 @@ def save(
     periods: tuple[Period, ...],
     customers: frozenset[str],
     invoice_id: str | None = None,
-    seen: Callable[[str], object] | None = None,
+    seen: Callable[[bytes], object] | None = None,
 ) -> bool:
     label = periods[0].label if len(periods) == 1 else f"{periods[0].label}..{periods[-1].label}"
     record = RunRecord(

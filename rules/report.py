@@ -265,8 +265,12 @@ def stored_lines(report: Report) -> Iterator[StoredLine]:
     """The report's lines for the store, in order, one at a time."""
     write = LineWriter()
     for line in report.lines:
-        followed = line.klass != "match" or bool(line.evidence.clears)
-        yield StoredLine(line.customer_id, line.meter, line.period.label, line.klass, write(line), followed)
+        yield StoredLine(line.customer_id, line.meter, line.period.label, line.klass, write(line), is_followed(line))
+
+
+def is_followed(line: ReconLine) -> bool:
+    """Whether the store reads the line: a discrepancy, a timing item, or a line clearing one."""
+    return line.klass != "match" or bool(line.evidence.clears)
 
 
 @dataclass(slots=True)

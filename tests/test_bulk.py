@@ -8,23 +8,36 @@ the border between them are held to the reference, byte for byte.
 
 from __future__ import annotations
 
+import io
 from decimal import ROUND_CEILING, Decimal
 
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from bot.render import JsonSpool, write_json
 from bot.service import RunResult, SourcePaths, reconcile_files
 from bot.store import Store
+from connectors.files import RawEventsFile, aggregates_table, raw_aggregates
 from rules.config import parse_config
 from rules.periods import parse_periods
+from rules.timeline import build_timeline
 from tests.book import SEP, config_text, event, line, metered, write_book
 
 EXAMPLES = settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 # Ids JSON writes as they are, and ids it escapes (a quote, a backslash, a control character).
 CUSTOMERS = ["cus_a", "cus_b", "cus_é", 'cus_"q"', "cus\\b", "cus\tc"]
-# `sms` changes plan inside October (never plain); `fax` is in no config (unmapped).
-METERS = ["api_calls", "api_calls", "sms", "fax"]
+# `sms` changes plan inside October (never plain); `fax` is in no config (unmapped); `eu_calls`
+# is priced in euros (its usd lines are foreign).
+METERS = ["api_calls", "api_calls", "sms", "fax", "eu_calls"]
 PLAN = """
+[[meters]]
+name = "eu_calls"
+unit_size = 1000
+rounding = "half_up"
+included = 0
+unit_price = "2.00"
+currency = "eur"
+
 [[meters]]
 name = "sms"
 unit_size = 1
@@ -88,22 +101,38 @@ def build(generated):
     return raw, meters, lines
 
 
-def reports(folder, period: str) -> tuple[RunResult, RunResult]:
+def reports(folder, period: str, lines_per_page: int = 1_000) -> tuple[RunResult, RunResult]:
+    """The book's report stored through the bulk path (its JSON spool checked against the report
+    written from the key-by-key path), and the key-by-key report."""
     config = parse_config((folder / "recon.toml").read_text())
     periods = parse_periods(period, config.period.zone)
     sources = SourcePaths(folder / "raw.csv", folder / "metered.csv", folder / "invoiced.csv")
     store = Store.open(f"sqlite:///{folder / 'recon.db'}")
-    in_bulk = reconcile_files(config, sources, periods, store)
-    assert in_bulk.stored
-    return in_bulk, reconcile_files(config, sources, periods, None)
+    store.lines_per_page = lines_per_page
+    with JsonSpool(folder / "report.json") as spool:
+        in_bulk = reconcile_files(config, sources, periods, store, spool=spool)
+        assert in_bulk.stored
+        spool.deliver()
+    key_by_key = reconcile_files(config, sources, periods, None)
+    written = io.StringIO()
+    write_json(key_by_key.head, key_by_key.texts(), written)
+    assert (folder / "report.json").read_text(encoding="utf-8") == written.getvalue()
+    return in_bulk, key_by_key
 
 
 @EXAMPLES
-@given(st.lists(keys, min_size=1, max_size=30), st.sampled_from(["2026-10", "2026-09..2026-10"]))
-def test_a_stored_run_judged_in_bulk_writes_the_lines_the_rules_give(tmp_path_factory, generated, period):
+@given(
+    st.lists(keys, min_size=1, max_size=30),
+    st.sampled_from(["2026-10", "2026-09..2026-10", "2026-08..2026-11"]),
+    st.sampled_from([100, 1, 0]),  # evidence ids shown
+    st.sampled_from([1_000, 3]),  # lines per stored page
+)
+def test_a_stored_run_judged_in_bulk_writes_the_lines_the_rules_give(
+    tmp_path_factory, generated, period, limit, lines_per_page
+):
     folder = tmp_path_factory.mktemp("book")
-    write_book(folder, *build(generated), config=config_text() + PLAN)
-    in_bulk, key_by_key = reports(folder, period)
+    write_book(folder, *build(generated), config=config_text() + PLAN + f"\n[evidence]\nlimit = {limit}\n")
+    in_bulk, key_by_key = reports(folder, period, lines_per_page)
     assert list(in_bulk.texts()) == list(key_by_key.texts())
     assert in_bulk.head == key_by_key.head
 
@@ -158,3 +187,25 @@ def test_a_key_metered_in_two_records_is_judged_on_their_sum(tmp_path):
     (only,) = in_bulk.lines()
     assert (only["metered_units"], only["class"]) == ("100", "match")
     assert list(in_bulk.texts()) == list(key_by_key.texts())
+
+
+def test_a_database_sources_aggregates_make_the_table_the_files_source_gives(tmp_path):
+    """`aggregates_table` (how a database source's aggregates reach the bulk path) gives back
+    the aggregates it was given: duplicates, late ids and months before the run survive it."""
+    write_book(
+        tmp_path,
+        [
+            event("e1", "1.50", customer="cus_a"),
+            event("e1", "1.50", customer="cus_a"),
+            event("e2", 7, timestamp="2026-09-20T12:00:00Z", received_at="2026-10-20T00:00:00Z"),
+            event("e3", "0.000", received_at="2026-11-04T00:00:00Z", customer='cus_"b"'),
+        ],
+        [],
+        [],
+    )
+    config = parse_config((tmp_path / "recon.toml").read_text())
+    timeline = build_timeline(parse_periods("2026-10", config.period.zone), config.meters, config.period.grace)
+    table = RawEventsFile(tmp_path / "raw.csv").aggregate_table(timeline, 100)
+    aggregates = raw_aggregates(table)
+    assert len(aggregates) == 3
+    assert list(map(repr, raw_aggregates(aggregates_table(aggregates)))) == list(map(repr, aggregates))
