@@ -119,38 +119,41 @@ def _bounds(con: duckdb.DuckDBPyConnection, table: str, columns: Columns, timeli
 _KEYS_SQL = """
 CREATE TEMP TABLE keys AS
 WITH raw_k AS (
-    SELECT customer_id, meter, segs.p, segment, receiving, quantity,
+    SELECT r, customer_id, meter, segs.p, receiving,
         receiving IS NOT NULL OR segment IS NULL OR coalesce(len(late_event_ids), 0) > 0
             OR coalesce(len(duplicate_event_ids), 0) > 0 OR dropped_copies > 0 OR conflicting_copies > 0
             OR coalesce(len(origin_periods), 0) > 0 AS odd
     FROM raw_t LEFT JOIN segs USING (segment)
 ),
 facts AS (
-    SELECT customer_id, meter, p, 1 AS raw_n, quantity AS raw_q, segment AS seg, odd, false AS targeted,
-        0 AS met_n, NULL::INTEGER AS met_q, 0 AS inv_n, NULL::INTEGER AS inv_q, NULL::INTEGER AS inv_a,
-        NULL::VARCHAR AS currency, NULL::VARCHAR AS kind, NULL::VARCHAR AS line_id, NULL::VARCHAR AS invoice_id
+    -- Each record as one row of its key (and a late raw row once more, for the period it is
+    -- caught up in), carrying its row number: the grouping moves numbers, not texts.
+    SELECT customer_id, meter, p, 1 AS raw_n, r AS raw_r, odd, false AS targeted,
+        0 AS met_n, NULL::INTEGER AS met_q, 0 AS inv_n, NULL::BIGINT AS inv_row
     FROM raw_k WHERE p IS NOT NULL
     UNION ALL
-    SELECT customer_id, meter, receiving, 0, NULL, NULL, false, true, 0, NULL, 0, NULL, NULL, NULL, NULL, NULL, NULL
+    SELECT customer_id, meter, receiving, 0, NULL, false, true, 0, NULL, 0, NULL
     FROM raw_k WHERE receiving >= 0 AND receiving < {periods}
     UNION ALL
-    SELECT customer_id, meter, b.p, 0, NULL, NULL, false, false, 1, quantity, 0, NULL, NULL, NULL, NULL, NULL, NULL
+    SELECT customer_id, meter, b.p, 0, NULL, false, false, 1, quantity, 0, NULL
     FROM met_t JOIN met_bounds AS b ON period_start = b.s AND period_end = b.e
     WHERE b.p IS NOT NULL
     UNION ALL
-    SELECT customer_id, meter, b.p, 0, NULL, NULL, false, false, 0, NULL, 1, quantity, amount, currency, kind,
-        line_id, invoice_id
+    SELECT customer_id, meter, b.p, 0, NULL, false, false, 0, NULL, 1, row_no
     FROM inv_t JOIN inv_bounds AS b ON period_start = b.s AND period_end = b.e
     WHERE b.p IS NOT NULL
 ),
-joined AS (
+grouped AS (
     -- any_value takes the first value that is not NULL: a plain key has one of each record at most
-    SELECT customer_id, meter, p, sum(raw_n) AS raw_n, any_value(raw_q) AS raw_q, any_value(seg) AS seg,
-        bool_or(odd) AS odd, bool_or(targeted) AS targeted, sum(met_n) AS met_n, any_value(met_q) AS met_q,
-        sum(inv_n) AS inv_n, any_value(inv_q) AS inv_q, any_value(inv_a) AS inv_a,
-        any_value(currency) AS currency, any_value(kind) AS kind, any_value(line_id) AS line_id,
-        any_value(invoice_id) AS invoice_id
+    SELECT customer_id, meter, p, sum(raw_n) AS raw_n, any_value(raw_r) AS raw_r, bool_or(odd) AS odd,
+        bool_or(targeted) AS targeted, sum(met_n) AS met_n, any_value(met_q) AS met_q, sum(inv_n) AS inv_n,
+        any_value(inv_row) AS inv_row
     FROM facts GROUP BY customer_id, meter, p
+),
+joined AS (
+    SELECT g.*, raw_t.quantity AS raw_q, raw_t.segment AS seg, inv_t.quantity AS inv_q, inv_t.amount AS inv_a,
+        inv_t.currency, inv_t.kind, inv_t.line_id, inv_t.invoice_id
+    FROM grouped AS g LEFT JOIN raw_t ON raw_t.r = g.raw_r LEFT JOIN inv_t ON inv_t.row_no = g.inv_row
 )
 SELECT joined.*, coalesce(
     meter_currency = currency AND customer_id <> '' AND inv_n = 1 AND kind = 'usage' AND met_n <= 1
