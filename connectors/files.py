@@ -15,7 +15,7 @@ import os
 import re
 import tempfile
 import threading
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from datetime import datetime
 from decimal import Decimal
@@ -754,10 +754,11 @@ def raw_aggregates(result: pa.Table) -> list[RawAggregate]:
     )
 
 
-def aggregates_table(aggregates: list[RawAggregate]) -> pa.Table:
+def aggregates_table(aggregates: Iterable[RawAggregate | tuple[Any, ...]]) -> pa.Table:
     """`raw_aggregates`' inverse: the records as the Arrow table `RawEventsFile.aggregate_table`
     gives, for a source that makes records (the quantity's text reads back as the same
-    Decimal when it is normalized, as every source's is)."""
+    Decimal when it is normalized, as every source's is). A tuple stands for a record of its
+    first fields, the others empty."""
     import pyarrow as pa
 
     ids = pa.list_(pa.field("l", pa.string()))
@@ -776,7 +777,9 @@ def aggregates_table(aggregates: list[RawAggregate]) -> pa.Table:
             ("origin_periods", ids),
         ]
     )
-    rows = list(map(attrgetter(*schema.names), aggregates))  # a tuple of fields each
+    fields = attrgetter(*schema.names)
+    empty = ((), (), 0, 0, ())
+    rows = [a + empty if isinstance(a, tuple) else fields(a) for a in aggregates]  # every field of each
     columns = {name: [row[i] for row in rows] for i, name in enumerate(schema.names)}
     columns["quantity"] = list(map(str, columns["quantity"]))
     return pa.table(columns, schema=schema)

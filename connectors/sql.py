@@ -157,9 +157,9 @@ class RawEventsSQL:
         (`progress` is accepted for the files source's interface; a database shows none.)"""
         with without_cyclic_gc():
             sums, evidence = self._run(timeline, evidence_limit, zone, customers, _fetch)
-            aggregates = _merge(sums, evidence, evidence_limit)
-            self._digest = _digest(aggregates)
-        return aggregates
+            merged = _merged(sums, evidence, evidence_limit)
+            self._digest = _digest(merged)
+        return [a if isinstance(a, RawAggregate) else RawAggregate(*a) for a in merged]
 
     def aggregate_table(
         self,
@@ -169,8 +169,13 @@ class RawEventsSQL:
         progress: Callable[..., Any] | None = None,
         customers: frozenset[str] = frozenset(),
     ) -> pa.Table:
-        """`aggregate`'s records as the Arrow table the files source gives (`bot.bulk` takes it)."""
-        return aggregates_table(self.aggregate(timeline, evidence_limit, zone, progress, customers))
+        """`aggregate`'s records as the Arrow table the files source gives (`bot.bulk` takes it),
+        made without a record for the keys that need no correction (nearly all)."""
+        with without_cyclic_gc():
+            sums, evidence = self._run(timeline, evidence_limit, zone, customers, _fetch)
+            merged = _merged(sums, evidence, evidence_limit)
+            self._digest = _digest(merged)
+        return aggregates_table(merged)
 
     def plans(self, timeline: Timeline, evidence_limit: int, zone: str = "UTC") -> list[str]:
         """EXPLAIN ANALYZE (PostgreSQL) of each statement `aggregate()` runs, run the same way
@@ -512,28 +517,26 @@ def _settings(conn: sa.Connection, settings: dict[str, str]) -> Iterator[None]:
     conn.execute(sa.select(*(sa.func.set_config(n, v, True) for n, v in zip(names, before, strict=True))))
 
 
-def _merge(sums: list[Any], evidence: list[Any], limit: int) -> list[RawAggregate]:
+# A key's sums with nothing to correct: RawAggregate's first six fields (the rest are empty).
+Sums = tuple[str, str, int | None, int | None, Decimal, int]
+
+
+def _merged(sums: list[Any], evidence: list[Any], limit: int) -> list[Sums | RawAggregate]:
     """One aggregate per customer × meter × segment × receiving period, in the sums' order:
     the key's sums (rows before the timeline arrive split by origin month) less its dropped
-    copies, with the smallest `limit` late and duplicated ids."""
+    copies, with the smallest `limit` late and duplicated ids. A key with nothing to correct
+    (nearly every key) is given as its `Sums`, the others as records."""
     corrections: dict[tuple[Any, ...], list[Any]] = {}
     for row in evidence:
         corrections.setdefault(tuple(row[:4]), []).append(row)
-    aggregates: list[RawAggregate | None] = []
+    aggregates: list[Sums | RawAggregate | None] = []
     merged: dict[tuple[Any, ...], tuple[int, list[Any]]] = {}
     for row in sums:
         customer, meter, segment, receiving, origin, quantity, events = row
         if origin is None and not (corrections and (customer, meter, segment, receiving) in corrections):
             # nearly every key: one row of sums, nothing to take off or show
             aggregates.append(
-                RawAggregate(
-                    customer_id=customer,
-                    meter=meter,
-                    segment=None if segment < 0 else segment,
-                    receiving=receiving,
-                    quantity=Decimal(quantity).normalize(),
-                    events=events,
-                )
+                (customer, meter, None if segment < 0 else segment, receiving, Decimal(quantity).normalize(), events)
             )
             continue
         key = (customer, meter, segment, receiving)
@@ -543,7 +546,7 @@ def _merge(sums: list[Any], evidence: list[Any], limit: int) -> list[RawAggregat
         merged[key][1].append(row)
     for key, (index, rows) in merged.items():
         aggregates[index] = _corrected(key, rows, corrections.get(key, []), limit)
-    return [a for a in aggregates if a is not None] if merged else aggregates  # type: ignore[misc]
+    return [a for a in aggregates if a is not None] if merged else aggregates  # type: ignore[return-value]
 
 
 def _corrected(key: tuple[Any, ...], sums: list[Any], evidence: list[Any], limit: int) -> RawAggregate | None:
@@ -583,19 +586,31 @@ def _corrected(key: tuple[Any, ...], sums: list[Any], evidence: list[Any], limit
     )
 
 
-def _digest(aggregates: list[RawAggregate]) -> str:
-    """The SHA-256 of the aggregates' reprs in key order (`_shown` writes a repr a few times
-    quicker than the dataclass's own; a test holds the two equal)."""
+def _digest(aggregates: list[Sums | RawAggregate]) -> str:
+    """The SHA-256 of the aggregates' reprs (as records) in key order (`_shown` writes a repr a
+    few times quicker than the dataclass's own; a test holds the two equal)."""
     digest = hashlib.sha256()
-    for a in sorted(
-        aggregates, key=lambda a: (a.customer_id, a.meter, -1 if a.segment is None else a.segment, a.receiving or -1)
-    ):
+    for a in sorted(aggregates, key=_order):
         digest.update(_shown(a).encode())
     return digest.hexdigest()
 
 
-def _shown(a: RawAggregate) -> str:
-    """`repr(a)`."""
+def _order(a: Sums | RawAggregate) -> tuple[str, str, int, int]:
+    customer, meter, segment, receiving = (
+        a[:4] if isinstance(a, tuple) else (a.customer_id, a.meter, a.segment, a.receiving)
+    )
+    return (customer, meter, -1 if segment is None else segment, receiving or -1)
+
+
+def _shown(a: Sums | RawAggregate) -> str:
+    """`repr(a)` of the record (a `Sums` as the record it stands for)."""
+    if isinstance(a, tuple):
+        customer, meter, segment, receiving, quantity, events = a
+        return (
+            f"RawAggregate(customer_id={customer!r}, meter={meter!r}, segment={segment!r}, "
+            f"receiving={receiving!r}, quantity={quantity!r}, events={events!r}, late_event_ids=(), "
+            "duplicate_event_ids=(), dropped_copies=0, conflicting_copies=0, origin_periods=())"
+        )
     return (
         f"RawAggregate(customer_id={a.customer_id!r}, meter={a.meter!r}, segment={a.segment!r}, "
         f"receiving={a.receiving!r}, quantity={a.quantity!r}, events={a.events!r}, "

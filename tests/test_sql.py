@@ -365,3 +365,5 @@ def test_the_digest_reads_each_aggregate_as_its_repr(customer, meter, segment, r
 
     aggregate = RawAggregate(customer, meter, segment, receiving, quantity, events, ids, ids[::-1], n, n, ids)
     assert _shown(aggregate) == repr(aggregate)
+    sums = (customer, meter, segment, receiving, quantity, events)  # a key with nothing to correct
+    assert _shown(sums) == repr(RawAggregate(*sums))
