@@ -155,10 +155,7 @@ class RawEventsSQL:
     ) -> list[RawAggregate]:
         """Aggregates on the timeline; with `customers`, only their events are read.
         (`progress` is accepted for the files source's interface; a database shows none.)"""
-        with without_cyclic_gc():
-            sums, evidence = self._run(timeline, evidence_limit, zone, customers, _fetch)
-            merged = _merged(sums, evidence, evidence_limit)
-            self._digest = _digest(merged)
+        merged = self._merged(timeline, evidence_limit, zone, customers)
         return [a if isinstance(a, RawAggregate) else RawAggregate(*a) for a in merged]
 
     def aggregate_table(
@@ -171,11 +168,17 @@ class RawEventsSQL:
     ) -> pa.Table:
         """`aggregate`'s records as the Arrow table the files source gives (`bot.bulk` takes it),
         made without a record for the keys that need no correction (nearly all)."""
+        return aggregates_table(self._merged(timeline, evidence_limit, zone, customers))
+
+    def _merged(
+        self, timeline: Timeline, evidence_limit: int, zone: str, customers: frozenset[str]
+    ) -> list[Sums | RawAggregate]:
+        """The aggregates as `_merged` gives them; their digest kept for `fingerprint()`."""
         with without_cyclic_gc():
             sums, evidence = self._run(timeline, evidence_limit, zone, customers, _fetch)
             merged = _merged(sums, evidence, evidence_limit)
             self._digest = _digest(merged)
-        return aggregates_table(merged)
+        return merged
 
     def plans(self, timeline: Timeline, evidence_limit: int, zone: str = "UTC") -> list[str]:
         """EXPLAIN ANALYZE (PostgreSQL) of each statement `aggregate()` runs, run the same way
