@@ -30,7 +30,7 @@ from connectors.files import Columns, aggregate_quantity, connect, raw_aggregate
 from rules.classify import judge
 from rules.config import Config
 from rules.match import KeyFacts, join
-from rules.models import InvoiceLine, MeteredRecord, RawAggregate
+from rules.models import InvoiceLine, MeteredRecord, RawAggregate, Report
 from rules.reconcile import judge_all
 from rules.report import LineWriter, StoredPage, StoredPages, is_followed, stored_lines, summary_of
 from rules.timeline import Timeline
@@ -44,7 +44,7 @@ MARKERS = ("\x00customer\x00", "\x00line\x00", "\x00invoice\x00")
 _AS_IS = """NOT regexp_matches(customer_id || line_id || invoice_id, '[[:cntrl:]"\\\\]')"""
 _SHAPE = ("meter", "p", "seg", "raw_q", "met_q", "inv_q", "inv_a")
 _PARTS = tuple(f"p{i}" for i in range(len(MARKERS) + 1))  # a template's text around the markers
-_BILLING = {"met_t": ("met_t", "met_bounds"), "inv_t": ("inv_t", "inv_bounds")}  # table, its periods
+_METERED, _INVOICED = ("met_t", "met_bounds"), ("inv_t", "inv_bounds")  # a billing table, its periods
 
 
 @dataclass
@@ -87,8 +87,8 @@ def _register(
 ) -> None:
     con.register("raw_t", raw.append_column("r", _row_numbers(raw.num_rows)))
     for (name, bounds), columns, texts in (
-        (_BILLING["met_t"], metered, ("customer_id", "meter")),
-        (_BILLING["inv_t"], invoiced, ("customer_id", "meter", "currency", "kind")),
+        (_METERED, metered, ("customer_id", "meter")),
+        (_INVOICED, invoiced, ("customer_id", "meter", "currency", "kind")),
     ):
         table = columns.rows
         for column in texts:
@@ -261,7 +261,7 @@ def _judge_others(
     metered: Columns,
     invoiced: Columns,
     run_id: str,
-) -> tuple[Any, dict[str, Any]]:
+) -> tuple[Report, dict[str, Any]]:
     """The keys that are not plain, joined and judged in Python from their records (and the
     records no period holds, counted as out of scope)."""
     # The records of the keys that are not plain, and those no period holds, in file order.
@@ -276,7 +276,7 @@ def _judge_others(
                 LEFT JOIN {bounds} AS b ON x.period_start = b.s AND x.period_end = b.e
             WHERE b.p IS NULL OR (x.customer_id, x.meter, b.p) IN (SELECT (customer_id, meter, p) FROM others_k)
             ORDER BY row_no""").to_arrow_table()
-        for table, bounds in _BILLING.values()
+        for table, bounds in (_METERED, _INVOICED)
     )
     joined = join(
         timeline,
@@ -289,9 +289,22 @@ def _judge_others(
     return report, scope
 
 
-def _others_table(report: Any) -> pa.Table:
+_OTHERS = pa.schema(
+    [
+        ("customer_id", pa.string()),
+        ("meter", pa.string()),
+        ("p", pa.int64()),
+        ("klass", pa.string()),
+        ("followed", pa.bool_()),
+        ("text", pa.string()),
+    ]
+)
+
+
+def _others_table(report: Report) -> pa.Table:
+    """The lines of the keys judged in Python, with their keys, for the final ordered query."""
     index = {id(period): i for i, period in enumerate(report.periods)}
-    rows: dict[str, list[Any]] = {"customer_id": [], "meter": [], "p": [], "klass": [], "followed": [], "text": []}
+    rows: dict[str, list[Any]] = {name: [] for name in _OTHERS.names}
     for verdict, stored in zip(report.lines, stored_lines(report), strict=True):
         rows["customer_id"].append(stored.customer_id)
         rows["meter"].append(stored.meter)
@@ -299,17 +312,7 @@ def _others_table(report: Any) -> pa.Table:
         rows["klass"].append(stored.klass)
         rows["followed"].append(stored.followed)
         rows["text"].append(stored.text)
-    schema = pa.schema(
-        [
-            ("customer_id", pa.string()),
-            ("meter", pa.string()),
-            ("p", pa.int64()),
-            ("klass", pa.string()),
-            ("followed", pa.bool_()),
-            ("text", pa.string()),
-        ]
-    )
-    return pa.table(rows, schema=schema)
+    return pa.table(rows, schema=_OTHERS)
 
 
 def _pages(con: duckdb.DuckDBPyConnection, timeline: Timeline, size: int) -> Iterator[StoredPage]:
