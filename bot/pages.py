@@ -33,12 +33,8 @@ P = TypeVar("P", bound=_Page)
 
 
 def pack(texts: list[str]) -> bytes:
-    return compress("\n".join(texts))
-
-
-def compress(page: str) -> bytes:
-    """A page's text (its lines joined by newlines), compressed."""
-    return zlib.compress(page.encode(), LEVEL)
+    """A page of line texts, joined by newlines and compressed."""
+    return zlib.compress("\n".join(texts).encode(), LEVEL)
 
 
 def unpack(body: bytes) -> list[str]:
