@@ -94,7 +94,7 @@ def _register(
         for column in texts:
             table = table.set_column(table.schema.get_field_index(column), column, columns.texts(column))
         con.register(name, table.append_column("row_no", _row_numbers(len(columns))))
-        con.register(bounds, _bounds(con, name, columns, timeline))
+        con.register(bounds, _bounds(columns, timeline))
     segments = [(i, s.period_index) for i, s in enumerate(timeline.segments)]
     con.register("segs", pa.table({"segment": [i for i, _ in segments], "p": [p for _, p in segments]}))
     plain = {name: m.currency for name, m in config.meters.items() if not m.plan}
@@ -107,9 +107,9 @@ def _row_numbers(count: int) -> pa.Array:
     return pc.subtract(pc.cumulative_sum(pa.repeat(pa.scalar(1, pa.int64()), count)), 1)
 
 
-def _bounds(con: duckdb.DuckDBPyConnection, table: str, columns: Columns, timeline: Timeline) -> pa.Table:
+def _bounds(columns: Columns, timeline: Timeline) -> pa.Table:
     """Each distinct (period_start, period_end) of a billing table and the period holding it."""
-    pairs = con.execute(f"SELECT DISTINCT period_start, period_end FROM {table}").fetchall()
+    pairs = columns.spans()
     starts, ends = columns.distinct["period_start"], columns.distinct["period_end"]
     found = [timeline.period_of(starts[s], ends[e]) for s, e in pairs]
     return pa.table(

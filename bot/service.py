@@ -133,13 +133,11 @@ def reconcile_files(
 
 def _column_spans(metered: Columns, invoiced: Columns) -> set[tuple[datetime, datetime]]:
     """The distinct (period_start, period_end) of the billing side's rows."""
-    spans = set()
-    for columns in (metered, invoiced):
-        starts, ends = columns.distinct["period_start"], columns.distinct["period_end"]
-        pairs = columns.rows.select(["period_start", "period_end"]).group_by(["period_start", "period_end"])
-        found = pairs.aggregate([]).to_pydict()
-        spans.update((starts[s], ends[e]) for s, e in zip(found["period_start"], found["period_end"], strict=True))
-    return spans
+    return {
+        (columns.distinct["period_start"][s], columns.distinct["period_end"][e])
+        for columns in (metered, invoiced)
+        for s, e in columns.spans()
+    }
 
 
 def _reconcile_in_bulk(

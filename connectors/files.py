@@ -286,6 +286,12 @@ class Columns:
             return cells.to_pylist()
         return list(map(self.distinct[column].__getitem__, cells.to_pylist()))
 
+    def spans(self) -> list[tuple[int, int]]:
+        """The distinct (period_start, period_end) of the rows, as indices into `distinct`."""
+        found = self.rows.select(["period_start", "period_end"]).group_by(["period_start", "period_end"])
+        pairs = found.aggregate([]).to_pydict()
+        return list(zip(pairs["period_start"], pairs["period_end"], strict=True))
+
     def texts(self, column: str) -> pa.Array:
         """A text column's parsed value on every row, for a query."""
         import pyarrow as pa
