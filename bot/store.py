@@ -19,18 +19,18 @@ import json
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
-from itertools import repeat
+from itertools import groupby
 from typing import Any
 
 from bot.database import Backend, DatabaseError, open_backend
-from bot.pages import LINES_PER_PAGE, compressed, pack, unpack, unpacked
+from bot.pages import LINES_PER_PAGE, PageKeys, compressed, pack, pack_keys, unpack, unpack_keys, unpacked
 from rules.report import StoredLine, StoredPage, StoredPages, pages_of, parse_line
 
 INBOX_STATES = ("pending", "processing", "done", "ignored", "dead")
 TABLES = (
     "runs",
-    "run_lines",
     "run_pages",
+    "run_customers",
     "discrepancies",
     "watchlist",
     "watch_checks",
@@ -204,7 +204,7 @@ class Store:
                 )
                 if not changed:
                     return False
-                self.backend.execute("DELETE FROM run_lines WHERE run_id = ?", [record.run_id])
+                self.backend.execute("DELETE FROM run_customers WHERE run_id = ?", [record.run_id])
                 self.backend.execute("DELETE FROM run_pages WHERE run_id = ?", [record.run_id])
             else:
                 self.backend.execute(
@@ -217,12 +217,13 @@ class Store:
     def _insert_lines(
         self, run_id: str, lines: Iterable[StoredLine] | StoredPages, seen: Callable[[bytes], object] | None = None
     ) -> None:
-        """The run's lines in one pass (they may be made as they are taken): their texts in
-        compressed pages, each line's key and class in run_lines (the index), then the run's
-        discrepancies and timing items, in the order of the lines."""
+        """The run's lines in one pass (they may be made as they are taken): their texts and
+        keys in compressed pages (run_pages), where each customer's lines start in run_customers
+        (the index the lookups by key and by customer use), then the run's discrepancies and
+        timing items, in the order of the lines."""
         breaks: list[dict[str, Any]] = []
         timing: list[dict[str, Any]] = []
-        bodies: list[tuple[str, int, bytes]] = []
+        bodies: list[tuple[str, int, int, bytes, bytes]] = []
         pages = lines.pages if isinstance(lines, StoredPages) else pages_of(lines, self.lines_per_page)
 
         def read(page: StoredPage) -> StoredPage:
@@ -236,20 +237,26 @@ class Store:
                     timing.append(shown)
             return page
 
-        def rows() -> Iterator[tuple[Any, ...]]:
-            # The pages are made and compressed as the database inserts the rows given so far
+        def spans() -> Iterator[tuple[str, int, str, int]]:
+            # Each run of consecutive lines of one customer (a page may end inside one). The pages
+            # are made and compressed as the database inserts the spans given so far
             # (Backend.insert_many).
-            position = 0
-            for page, body in compressed(map(read, pages)):
-                bodies.append((run_id, position, body))
-                end = position + len(page.classes)
-                yield from zip(
-                    repeat(run_id), range(position, end), page.customers, page.meters, page.periods, page.classes
-                )
-                position = end
+            position, customer, first = 0, None, 0
+            for page, body, keys in compressed(map(read, pages)):
+                bodies.append((run_id, position, len(page.classes) - page.classes.count("match"), body, keys))
+                for name, same in groupby(page.customers):
+                    if name != customer:
+                        if customer is not None:
+                            yield run_id, first, customer, position - first
+                        customer, first = name, position
+                    position += sum(1 for _ in same)
+            if customer is not None:
+                yield run_id, first, customer, position - first
 
-        self.backend.insert_many("run_lines", ("run_id", "position", "customer_id", "meter", "period", "class"), rows())
-        self.backend.executemany("INSERT INTO run_pages (run_id, first_position, body) VALUES (?, ?, ?)", bodies)
+        self.backend.insert_many("run_customers", ("run_id", "first_position", "customer_id", "lines"), spans())
+        self.backend.executemany(
+            "INSERT INTO run_pages (run_id, first_position, breaks, body, keys) VALUES (?, ?, ?, ?, ?)", bodies
+        )
         self._record_discrepancies(run_id, breaks)
         self._watch(run_id, timing)
 
@@ -304,31 +311,34 @@ class Store:
 
     def line_texts(self, run_id: str, breaks_only: bool = False) -> Iterator[str]:
         """The run's lines as stored (compact JSON), in order, a few pages at a time: a run of
-        500,000 keys is never held whole. `breaks_only`: the lines that are not matches."""
-        if breaks_only:
-            positions = self.backend.tuples(
-                "SELECT position FROM run_lines WHERE run_id = ? AND class <> 'match' ORDER BY position", [run_id]
-            )
-            yield from self._texts_at(run_id, [p for (p,) in positions])
+        500,000 keys is never held whole. `breaks_only`: the lines that are not matches (only
+        the pages holding one are read)."""
+        if not breaks_only:
+            for block in self.line_blocks(run_id):
+                yield from block.split("\n")
             return
-        for block in self.line_blocks(run_id):
-            yield from block.split("\n")
+        for _, body, keys in self._pages(run_id, "body, keys", breaks_only=True):
+            classes = unpack_keys(keys).classes
+            yield from (text for text, klass in zip(unpack(body), classes, strict=True) if klass != "match")
 
     def line_blocks(self, run_id: str) -> Iterator[str]:
         """The run's lines as stored, in blocks of consecutive lines joined by newlines (a page
         each): a writer can handle a block at a time instead of a line."""
-        return unpacked(self._page_bodies(run_id))
+        return unpacked(body for _, body in self._pages(run_id, "body"))
 
-    def _page_bodies(self, run_id: str, batch: int = 8) -> Iterator[bytes]:
+    def _pages(self, run_id: str, columns: str, breaks_only: bool = False, batch: int = 8) -> Iterator[tuple[Any, ...]]:
+        """Each of a run's pages as (first_position, *columns), in order, `batch` at a time;
+        `breaks_only`: the pages holding a line that is not a match. `columns` are the store's
+        own names."""
+        where = "AND breaks > 0" if breaks_only else ""
         after = -1
         while True:
             rows = self.backend.tuples(
-                """SELECT first_position, body FROM run_pages WHERE run_id = ? AND first_position > ?
-                   ORDER BY first_position LIMIT ?""",
+                f"""SELECT first_position, {columns} FROM run_pages WHERE run_id = ? AND first_position > ? {where}
+                    ORDER BY first_position LIMIT ?""",
                 [run_id, after, batch],
             )
-            for _, body in rows:
-                yield body
+            yield from rows
             if len(rows) < batch:
                 return
             after = rows[-1][0]
@@ -351,6 +361,42 @@ class Store:
     def _line_at(self, run_id: str, position: int) -> dict[str, Any]:
         return parse_line(next(self._texts_at(run_id, [position])))
 
+    def _customer_lines(
+        self, run_id: str, customer_id: str, cache: dict[tuple[str, int], PageKeys] | None = None
+    ) -> Iterator[tuple[int, str, str, str]]:
+        """(position, meter, period, class) of each of a customer's lines in a run, in order:
+        where they start (run_customers), then the keys of the pages holding them (kept in
+        `cache`, by run and first position, for a caller looking up many keys)."""
+        spans = self.backend.tuples(
+            """SELECT first_position, lines FROM run_customers WHERE run_id = ? AND customer_id = ?
+               ORDER BY first_position""",
+            [run_id, customer_id],
+        )
+        cache = {} if cache is None else cache
+        for first, count in spans:
+            row = self.backend.one(
+                "SELECT max(first_position) FROM run_pages WHERE run_id = ? AND first_position <= ?", [run_id, first]
+            )
+            page_first = row[0] if row else None
+            while page_first is not None and page_first < first + count:  # pages are consecutive
+                keys = cache.get((run_id, page_first)) or self._page_keys(run_id, page_first)
+                cache[(run_id, page_first)] = keys
+                yield from keys.find(page_first, first, first + count)
+                page_first = page_first + len(keys.classes) if keys.classes else None
+
+    def _page_keys(self, run_id: str, first_position: int) -> PageKeys:
+        row = self.backend.one(
+            "SELECT keys FROM run_pages WHERE run_id = ? AND first_position = ?", [run_id, first_position]
+        )
+        if row is None:
+            raise StoreError(f"run {run_id}: no stored page starts at line {first_position}")
+        return unpack_keys(row[0])
+
+    def _position_of(self, run_id: str, customer_id: str, meter: str, period: str) -> int | None:
+        """Where a key's line stands in a run, if the run has one."""
+        found = (pos for pos, m, p, _ in self._customer_lines(run_id, customer_id) if (m, p) == (meter, period))
+        return next(found, None)
+
     def list_runs(self, filters: dict[str, str], limit: int = 100) -> list[dict[str, Any]]:
         """Runs, newest first, filtered by invoice_id, customer_id, period and status."""
         clauses, params = [], []
@@ -362,7 +408,7 @@ class Store:
             clauses.append("(period_label = ? OR period_label LIKE ? || '..%')")
             params += [filters["period"], filters["period"]]
         if filters.get("customer_id"):
-            clauses.append("(customer_id = ? OR run_id IN (SELECT run_id FROM run_lines WHERE customer_id = ?))")
+            clauses.append("(customer_id = ? OR run_id IN (SELECT run_id FROM run_customers WHERE customer_id = ?))")
             params += [filters["customer_id"], filters["customer_id"]]
         where = f"WHERE {' AND '.join(clauses)}" if clauses else ""
         sql = f"""SELECT run_id, invoice_id, customer_id, period_label AS period, status, created_at,
@@ -530,9 +576,10 @@ class Store:
         clearing it; escalate the items that reach `escalate_after` cycles. Returns those escalated now.
 
         A cycle is one later period: re-running the same period counts once. The open items
-        are few; each is looked up in the run's lines by key (run_lines_key), so a run of 500,000
-        keys is not walked line by line."""
+        are few; each is looked up among its customer's lines in the run (run_customers), so a
+        run of 500,000 keys is not walked line by line."""
         escalated = []
+        pages: dict[tuple[str, int], PageKeys] = {}
         with self.backend.transaction():
             open_items = self.backend.tuples(
                 """SELECT customer_id, meter, period FROM watchlist WHERE status = 'open'
@@ -541,10 +588,8 @@ class Store:
             seen_later = [
                 (customer, meter, period, seen)
                 for customer, meter, period in open_items
-                for (seen,) in self.backend.tuples(
-                    """SELECT period FROM run_lines
-                       WHERE customer_id = ? AND meter = ? AND period > ? AND run_id = ? ORDER BY period""",
-                    [customer, meter, period, run_id],
+                for seen in sorted(
+                    {p for _, m, p, _ in self._customer_lines(run_id, customer, pages) if m == meter and p > period}
                 )
             ]
             for customer, meter, period, seen in seen_later:
@@ -587,32 +632,42 @@ class Store:
     def opening_line(self, customer_id: str, meter: str, period: str) -> dict[str, Any] | None:
         """The timing line that opened a watch-list item, as its run reported it."""
         row = self.backend.one(
-            """SELECT l.run_id, l.position FROM watchlist w JOIN run_lines l
-                   ON l.run_id = w.opened_by AND l.customer_id = w.customer_id AND l.meter = w.meter
-                      AND l.period = w.period
-               WHERE w.customer_id = ? AND w.meter = ? AND w.period = ?""",
+            "SELECT opened_by FROM watchlist WHERE customer_id = ? AND meter = ? AND period = ?",
             [customer_id, meter, period],
         )
-        return self._line_at(*row) if row else None
+        position = self._position_of(row[0], customer_id, meter, period) if row else None
+        return self._line_at(row[0], position) if row and position is not None else None
 
     def latest_line(self, customer_id: str, meter: str, period: str) -> tuple[str, dict[str, Any]] | None:
         """The newest finished run's line for a key, with that run's id."""
-        row = self.backend.one(
-            """SELECT l.run_id, l.position FROM run_lines l JOIN runs r ON r.run_id = l.run_id
-               WHERE l.customer_id = ? AND l.meter = ? AND l.period = ? AND r.status = 'done'
-               ORDER BY r.created_at DESC, r.run_id DESC LIMIT 1""",
-            [customer_id, meter, period],
+        runs = self.backend.tuples(
+            """SELECT run_id FROM runs
+               WHERE status = 'done' AND run_id IN (SELECT run_id FROM run_customers WHERE customer_id = ?)
+               ORDER BY created_at DESC, run_id DESC""",
+            [customer_id],
         )
-        return (row[0], self._line_at(*row)) if row else None
+        for (run_id,) in runs:
+            position = self._position_of(run_id, customer_id, meter, period)
+            if position is not None:
+                return run_id, self._line_at(run_id, position)
+        return None
 
     def period_lines(self, period: str) -> list[dict[str, Any]]:
-        """The newest finished run's line for every key of a period (every customer and meter)."""
-        rows = self.backend.tuples(
-            """SELECT l.customer_id, l.meter, l.run_id, l.position FROM run_lines l JOIN runs r ON r.run_id = l.run_id
-               WHERE l.period = ? AND r.status = 'done' ORDER BY r.created_at, l.run_id, l.position""",
-            [period],
+        """The newest finished run's line for every key of a period (every customer and meter).
+        A run of one period holds lines of that period only, so the runs of other single
+        periods are not read."""
+        runs = self.backend.tuples(
+            """SELECT run_id FROM runs WHERE status = 'done' AND (period_label = ? OR period_label LIKE ?)
+               ORDER BY created_at, run_id""",
+            [period, "%..%"],
         )
-        latest = {(customer, meter): (run_id, position) for customer, meter, run_id, position in rows}
+        latest: dict[tuple[str, str], tuple[str, int]] = {}
+        for (run_id,) in runs:
+            for first, body in self._pages(run_id, "keys"):
+                keys = unpack_keys(body)
+                for index, found in enumerate(keys.periods):
+                    if found == period:
+                        latest[(keys.customers[index], keys.meters[index])] = (run_id, first + index)
         by_run: dict[str, list[int]] = {}
         for run_id, position in latest.values():
             by_run.setdefault(run_id, []).append(position)
@@ -915,6 +970,61 @@ def _schema_6(db: Backend) -> None:
     )
 
 
+def _schema_7(db: Backend) -> None:
+    """run_lines (a row per line: half a million for a big book, the most costly part of storing
+    it) gives way to run_customers (a row per customer: where their lines start, how many) and
+    each page's own keys and classes (run_pages.keys, compressed; run_pages.breaks, how many of
+    its lines are not matches). The runs stored so far are moved over."""
+    body = "BYTEA" if db.dialect == "postgresql" else "BLOB"
+    db.execute(
+        """CREATE TABLE run_customers (
+            run_id TEXT NOT NULL REFERENCES runs (run_id), first_position INTEGER NOT NULL,
+            customer_id TEXT NOT NULL, lines INTEGER NOT NULL, PRIMARY KEY (run_id, customer_id, first_position))"""
+    )
+    db.execute("CREATE INDEX run_customers_customer ON run_customers (customer_id)")
+    db.execute("ALTER TABLE run_pages ADD COLUMN breaks INTEGER NOT NULL DEFAULT 0")
+    db.execute(f"ALTER TABLE run_pages ADD COLUMN keys {body}")
+    for (run_id,) in db.tuples("SELECT DISTINCT run_id FROM run_pages ORDER BY run_id"):
+        rows = db.tuples(
+            "SELECT position, customer_id, meter, period, class FROM run_lines WHERE run_id = ? ORDER BY position",
+            [run_id],
+        )
+        firsts = [
+            first
+            for (first,) in db.tuples(
+                "SELECT first_position FROM run_pages WHERE run_id = ? ORDER BY first_position", [run_id]
+            )
+        ]
+        for first, end in zip(firsts, [*firsts[1:], len(rows)], strict=True):
+            _, customers, meters, periods, classes = (list(c) for c in zip(*rows[first:end], strict=True))
+            db.execute(
+                "UPDATE run_pages SET breaks = ?, keys = ? WHERE run_id = ? AND first_position = ?",
+                [
+                    len(classes) - classes.count("match"),
+                    pack_keys(customers, meters, periods, classes),
+                    run_id,
+                    first,
+                ],
+            )
+        position = 0
+        for customer, same in groupby(customer for _, customer, _, _, _ in rows):
+            count = sum(1 for _ in same)
+            db.execute(
+                "INSERT INTO run_customers (run_id, first_position, customer_id, lines) VALUES (?, ?, ?, ?)",
+                [run_id, position, customer, count],
+            )
+            position += count
+    db.execute("DROP TABLE run_lines")
+
+
 # The schema's history, oldest first: version N is MIGRATIONS[N - 1]. Append; never edit a step.
-MIGRATIONS: list[Callable[[Backend], None]] = [_schema_1, _schema_2, _schema_3, _schema_4, _schema_5, _schema_6]
+MIGRATIONS: list[Callable[[Backend], None]] = [
+    _schema_1,
+    _schema_2,
+    _schema_3,
+    _schema_4,
+    _schema_5,
+    _schema_6,
+    _schema_7,
+]
 SCHEMA_VERSION = len(MIGRATIONS)

@@ -44,7 +44,7 @@ def test_same_inputs_give_byte_identical_reports_and_one_stored_run(tmp_path, da
     assert first.exit_code == second.exit_code == 0
     assert first.stdout == second.stdout
     store = Store.open(Settings.from_env().database_url)
-    assert (store.count("runs"), store.count("run_lines"), store.count("discrepancies")) == (1, 1, 1)
+    assert (store.count("runs"), store.count("run_customers"), store.count("discrepancies")) == (1, 1, 1)
 
 
 def test_json_report_prints_each_stored_line_on_a_text_line_of_its_own(tmp_path, database_url, monkeypatch):

@@ -96,7 +96,7 @@ def test_an_edited_draft_with_a_credit_is_a_credit(world, orb_api):
 
     assert worker(world).run_once()
 
-    [row] = world.store.backend.query("SELECT run_id FROM run_lines")
+    [row] = world.store.backend.query("SELECT run_id FROM run_customers")
     [verdict] = world.store.get_run(row["run_id"])["lines"]
     assert (verdict["class"], verdict["delta_amount"]) == ("credit", "30.00")
     assert sorted(verdict["evidence"]["invoice_line_ids"]) == ["li_api", "li_api:credits_applied"]

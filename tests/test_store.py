@@ -10,7 +10,7 @@ from bot import render
 from bot.app import create_app
 from bot.config import Settings
 from bot.store import SCHEMA_VERSION, RunRecord, Store, StoreError
-from tests.book import event, line, metered, reconcile_book, write_book
+from tests.book import SEP, event, line, metered, reconcile_book, write_book
 
 
 def stored_book(tmp_path, store, lines=None):
@@ -22,7 +22,7 @@ def test_a_rerun_over_the_same_inputs_adds_nothing(tmp_path, store):
     first = stored_book(tmp_path, store)
     second = reconcile_book(tmp_path, "2026-10", store)
     assert first == second
-    assert (store.count("runs"), store.count("run_lines"), store.count("discrepancies")) == (1, 1, 1)
+    assert (store.count("runs"), store.count("run_customers"), store.count("discrepancies")) == (1, 1, 1)
 
 
 def test_changed_inputs_make_a_new_run_and_move_the_discrepancy(tmp_path, store):
@@ -73,6 +73,70 @@ def test_a_runs_lines_are_kept_in_pages_and_read_back_in_order(tmp_path, store):
     assert list(store.line_texts("run_missing")) == []
 
 
+def two_month_book(tmp_path):
+    """Three customers over September and October; cus_b has four lines (two meters, one of
+    them unmapped, in each month), so in pages of two its lines cross two page boundaries."""
+    sep = "2026-09-10T12:00:00Z"
+    write_book(
+        tmp_path,
+        [
+            event("e1", 130_000, customer="cus_a"),
+            event("e2", 70_000, timestamp=sep, customer="cus_b"),
+            event("e3", 90_000, customer="cus_b"),
+            event("e4", 5, customer="cus_b", meter="bogus"),
+            event("e6", 5, timestamp=sep, customer="cus_b", meter="bogus"),
+            event("e5", 60_000, customer="cus_c"),
+        ],
+        [
+            metered(130_000, customer="cus_a"),
+            metered(70_000, customer="cus_b", span=SEP),
+            metered(95_000, customer="cus_b"),
+            metered(60_000, customer="cus_c"),
+        ],
+        [
+            line(110, "120.00", customer="cus_a"),
+            line(70, "40.00", customer="cus_b", span=SEP),
+            line(90, "80.00", customer="cus_b"),
+            line(60, "20.00", customer="cus_c"),
+        ],
+    )
+
+
+def assert_every_lookup_reads_the_report(store, report):
+    """Each of the store's lookups finds what the report says, line by line."""
+    run_id, lines = report["run_id"], report["lines"]
+    assert [json.loads(t) for t in store.line_texts(run_id)] == lines
+    breaks = [json.loads(t) for t in store.line_texts(run_id, breaks_only=True)]
+    assert breaks == [ln for ln in lines if ln["class"] != "match"] != []
+    for ln in lines:
+        assert store.latest_line(ln["customer_id"], ln["meter"], ln["period"]) == (run_id, ln)
+        assert [r["run_id"] for r in store.list_runs({"customer_id": ln["customer_id"]})] == [run_id]
+    for period in {ln["period"] for ln in lines}:
+        assert store.period_lines(period) == [ln for ln in lines if ln["period"] == period]
+    assert store.latest_line("cus_b", "api_calls", "2026-08") is None
+    assert store.latest_line("cus_zzz", "api_calls", "2026-10") is None
+    assert store.list_runs({"customer_id": "cus_bb"}) == []
+
+
+def test_every_line_is_found_by_key_across_page_boundaries(tmp_path, store):
+    store.lines_per_page = 2
+    two_month_book(tmp_path)
+    report = reconcile_book(tmp_path, "2026-09..2026-10", store)
+    assert [ln["customer_id"] for ln in report["lines"]] == ["cus_a", *["cus_b"] * 4, "cus_c"]
+    assert store.count("run_pages") == 3 and store.count("run_customers") == 3
+    assert_every_lookup_reads_the_report(store, report)
+
+    october = reconcile_book(tmp_path, "2026-10", store)  # newer, and without September's keys
+    for ln in report["lines"]:
+        newest = october if ln["period"] == "2026-10" else report
+        found = store.latest_line(ln["customer_id"], ln["meter"], ln["period"])
+        assert found is not None and found[0] == newest["run_id"]
+    assert store.period_lines("2026-09") == [ln for ln in report["lines"] if ln["period"] == "2026-09"]
+    assert store.period_lines("2026-10") == october["lines"]
+    runs = [r["run_id"] for r in store.list_runs({"customer_id": "cus_b"})]
+    assert runs == [october["run_id"], report["run_id"]]
+
+
 def test_api_streams_a_run_whole_or_its_breaks_only(tmp_path, database_url):
     store = Store.open(database_url)
     write_book(
@@ -107,7 +171,7 @@ def test_a_failed_write_leaves_no_half_run(tmp_path, store):
         store.backend.execute(statement)
     with pytest.raises(store.backend.integrity_error, match="disk full"):
         reconcile_book(tmp_path, "2026-10", store)
-    assert (store.count("runs"), store.count("run_lines")) == (0, 0)
+    assert (store.count("runs"), store.count("run_customers")) == (0, 0)
 
 
 def test_migrate_is_idempotent(database_url):
@@ -154,6 +218,38 @@ def test_runs_stored_before_pages_are_moved_into_pages(tmp_path, database_url, m
     assert store.count("run_pages") == 1
     with pytest.raises(store.backend.error):
         store.backend.query("SELECT line FROM run_lines")  # the texts live in the pages only
+
+
+def test_runs_indexed_line_by_line_are_moved_to_customer_spans(tmp_path, database_url, monkeypatch):
+    from bot import store as store_module
+    from bot.pages import pack
+    from rules.report import line_text
+
+    two_month_book(tmp_path)
+    report = reconcile_book(tmp_path, "2026-09..2026-10", Store.open("sqlite:///:memory:"))
+    run_id, lines = report["run_id"], report["lines"]
+    with monkeypatch.context() as patch:  # version 6: a run_lines row per line, pages of two
+        patch.setattr(store_module, "MIGRATIONS", store_module.MIGRATIONS[:6])
+        old = Store.open(database_url)
+        old.backend.execute(
+            f"INSERT INTO runs ({store_module.RUN_COLUMNS}) VALUES (?, 'done', ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            [run_id, "2026-11-02T00:00:00Z", "s", "e", "2026-09..2026-10", "h", "v", "{}", "[]", None, None, "{}"],
+        )
+        for position, ln in enumerate(lines):
+            old.backend.execute(
+                """INSERT INTO run_lines (run_id, position, customer_id, meter, period, class)
+                   VALUES (?, ?, ?, ?, ?, ?)""",
+                [run_id, position, ln["customer_id"], ln["meter"], ln["period"], ln["class"]],
+            )
+        for first in range(0, len(lines), 2):
+            old.backend.execute(
+                "INSERT INTO run_pages (run_id, first_position, body) VALUES (?, ?, ?)",
+                [run_id, first, pack([line_text(ln) for ln in lines[first : first + 2]])],
+            )
+    store = Store.open(database_url)
+    assert (store.count("run_pages"), store.count("run_customers")) == (3, 3)
+    assert_every_lookup_reads_the_report(store, report)
+    assert not store.backend.has_table("run_lines")
 
 
 def test_processes_starting_together_migrate_once(database_url):
@@ -204,21 +300,30 @@ def test_api_lists_and_serves_runs(tmp_path, database_url):
 
 def test_many_rows_are_inserted_as_given(store):
     store.start_run(RunRecord("run_x", "s", "e", "2026-10", "h", "v", {}, []))
-    rows = [("run_x", n, f"cus_{n}", 'm"é\\\n', "2026-10", "match") for n in range(12_001)]  # three chunks on SQLite
-    store.backend.insert_many("run_lines", ("run_id", "position", "customer_id", "meter", "period", "class"), rows)
+    rows = [("run_x", n, f'cus_"é\\\n{n}', n % 7) for n in range(12_001)]  # three chunks on SQLite
+    store.backend.insert_many("run_customers", ("run_id", "first_position", "customer_id", "lines"), rows)
     back = store.backend.tuples(
-        "SELECT run_id, position, customer_id, meter, period, class FROM run_lines ORDER BY position"
+        "SELECT run_id, first_position, customer_id, lines FROM run_customers ORDER BY first_position"
     )
     assert [tuple(row) for row in back] == rows
 
 
 def test_pages_are_compressed_in_order():
-    from bot.pages import compressed, unpack
+    from bot.pages import compressed, unpack, unpack_keys
     from rules.report import StoredLine, pages_of
 
     texts = [f'{{"n":{n},"s":"é\\n"}}' for n in range(29)]
-    lines = (StoredLine(f"cus_{n}", "m", "2026-10", "match", text, False) for n, text in enumerate(texts))
+    classes = ["match", "under_bill", "timing"]
+    lines = (
+        StoredLine(f"cus_{n}\n", "m", f"2026-{n % 12 + 1:02d}", classes[n % 3], text, False)
+        for n, text in enumerate(texts)
+    )
     pages = list(compressed(pages_of(lines, 3)))  # ten pages, more than are compressed at once
-    assert [len(page.classes) for page, _ in pages] == [3] * 9 + [2]
-    assert [page.customers[0] for page, _ in pages] == [f"cus_{n}" for n in range(0, 29, 3)]
-    assert [text for _, body in pages for text in unpack(body)] == texts
+    assert [len(page.classes) for page, _, _ in pages] == [3] * 9 + [2]
+    assert [page.customers[0] for page, _, _ in pages] == [f"cus_{n}\n" for n in range(0, 29, 3)]
+    assert [text for _, body, _ in pages for text in unpack(body)] == texts
+    keys = [unpack_keys(body) for _, _, body in pages]
+    assert [c for k in keys for c in k.customers] == [f"cus_{n}\n" for n in range(29)]
+    assert [p for k in keys for p in k.periods] == [f"2026-{n % 12 + 1:02d}" for n in range(29)]
+    assert [c for k in keys for c in k.classes] == [classes[n % 3] for n in range(29)]
+    assert list(keys[1].find(3, 4, 9)) == [(4, "m", "2026-05", "under_bill"), (5, "m", "2026-06", "timing")]
