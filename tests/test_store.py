@@ -220,9 +220,10 @@ def test_runs_stored_before_pages_are_moved_into_pages(tmp_path, database_url, m
         store.backend.query("SELECT line FROM run_lines")  # the texts live in the pages only
 
 
-def test_runs_indexed_line_by_line_are_moved_to_customer_spans(tmp_path, database_url, monkeypatch):
+def test_runs_indexed_line_by_line_in_zlib_pages_are_moved_to_customer_spans(tmp_path, database_url, monkeypatch):
+    import zlib
+
     from bot import store as store_module
-    from bot.pages import pack
     from rules.report import line_text
 
     two_month_book(tmp_path)
@@ -241,10 +242,11 @@ def test_runs_indexed_line_by_line_are_moved_to_customer_spans(tmp_path, databas
                    VALUES (?, ?, ?, ?, ?, ?)""",
                 [run_id, position, ln["customer_id"], ln["meter"], ln["period"], ln["class"]],
             )
-        for first in range(0, len(lines), 2):
+        for first in range(0, len(lines), 2):  # compressed with zlib, as pages were then
+            text = "\n".join(line_text(ln) for ln in lines[first : first + 2])
             old.backend.execute(
                 "INSERT INTO run_pages (run_id, first_position, body) VALUES (?, ?, ?)",
-                [run_id, first, pack([line_text(ln) for ln in lines[first : first + 2]])],
+                [run_id, first, zlib.compress(text.encode(), 1)],
             )
     store = Store.open(database_url)
     assert (store.count("run_pages"), store.count("run_customers")) == (3, 3)
