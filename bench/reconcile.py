@@ -535,7 +535,7 @@ def measure_run_stages(
     del table, columns
 
     def judge() -> Any:
-        return judge_book(config, timeline, book["raw"], *book["billing"], run_id)
+        return judge_book(config, timeline, book["raw"], *book["billing"])
 
     times, peak, judged = timed(judge, repeat)
     figures["bulk_judge"] = record(

@@ -62,7 +62,6 @@ def judge_book(
     raw: pa.Table,
     metered: Columns,
     invoiced: Columns,
-    run_id: str,
     page_size: int = LINES_PER_PAGE,
 ) -> Judged:
     """Every key of the book on `timeline`: `raw` as `RawEventsFile.aggregate_table` gives it,
@@ -71,7 +70,7 @@ def judge_book(
     _register(con, config, timeline, raw, metered, invoiced)
     con.execute(_KEYS_SQL.format(periods=len(timeline.periods), as_is=_AS_IS))
     tallies = _judge_shapes(con, config, timeline, metered, invoiced)
-    others, scope = _judge_others(con, config, timeline, raw, metered, invoiced, run_id)
+    others, scope = _judge_others(con, config, timeline, raw, metered, invoiced)
     tallies += [(ln.klass, ln.currency, ln.delta_amount, 1) for ln in others.lines]
     con.register("others", _others_table(others))
     return Judged({**summary_of(tallies), **scope}, StoredPages(_pages(con, timeline, page_size)))
@@ -260,7 +259,6 @@ def _judge_others(
     raw: pa.Table,
     metered: Columns,
     invoiced: Columns,
-    run_id: str,
 ) -> tuple[Report, dict[str, Any]]:
     """The keys that are not plain, joined and judged in Python from their records (and the
     records no period holds, counted as out of scope)."""
@@ -285,7 +283,7 @@ def _judge_others(
         invoiced.records(InvoiceLine, inv_rows.column(0)),
     )
     scope = {"out_of_scope": {"metered": joined.out_of_scope_metered, "invoice_lines": joined.out_of_scope_lines}}
-    report, _ = judge_all(config, timeline, joined, run_id)
+    report, _ = judge_all(config, timeline, joined, run_id="")  # only its lines are kept
     return report, scope
 
 

@@ -149,15 +149,18 @@ def _reconcile_in_bulk(
     store: Store,
     spool: JsonSpool | None,
 ) -> RunResult:
-    """`_reconcile` with the plain keys judged in bulk (`bot.bulk`)."""
+    """`_reconcile` with the plain keys judged in bulk (`bot.bulk`). The inputs' fingerprints
+    (a database source's digest of what it read) are taken beside the judging, which does
+    not need the run's id."""
     from bot.bulk import judge_book
 
     timeline = build_timeline(periods, config.meters, config.period.grace)
-    inputs = fingerprints()
-    run_id = run_id_for(config.fingerprint, inputs, periods, frozenset())
-    judged = judge_book(config, timeline, aggregates, *columns, run_id, store.lines_per_page)
+    with ThreadPoolExecutor(max_workers=1) as pool:
+        inputs = pool.submit(fingerprints)
+        judged = judge_book(config, timeline, aggregates, *columns, store.lines_per_page)
+    run_id = run_id_for(config.fingerprint, inputs.result(), periods, frozenset())
     head = head_json(run_id, periods, judged.summary)
-    return _store(store, head, judged.pages, config, inputs, periods, frozenset(), spool)
+    return _store(store, head, judged.pages, config, inputs.result(), periods, frozenset(), spool)
 
 
 def reconcile_platform(

@@ -19,7 +19,7 @@ from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from datetime import datetime
 from decimal import Decimal
-from operator import attrgetter
+from operator import attrgetter, itemgetter
 from pathlib import Path, PurePosixPath
 from sys import intern
 from typing import TYPE_CHECKING, Any
@@ -784,10 +784,16 @@ def aggregates_table(aggregates: Iterable[RawAggregate | tuple[Any, ...]]) -> pa
         ]
     )
     fields = attrgetter(*schema.names)
-    empty = ((), (), 0, 0, ())
-    rows = [a + empty if isinstance(a, tuple) else fields(a) for a in aggregates]  # every field of each
-    columns = {name: [row[i] for row in rows] for i, name in enumerate(schema.names)}
+    rows = [a if isinstance(a, tuple) else fields(a) for a in aggregates]
+    # The first six fields from every row (a tuple's or a record's), taken in C; the others are
+    # empty but for the few records, put in by position.
+    columns: dict[str, list[Any]] = {name: list(map(itemgetter(i), rows)) for i, name in enumerate(schema.names[:6])}
     columns["quantity"] = list(map(str, columns["quantity"]))
+    records = [i for i, row in enumerate(rows) if len(row) > 6]
+    for i, (name, empty) in enumerate(zip(schema.names[6:], ((), (), 0, 0, ()), strict=True), start=6):
+        column = columns[name] = [empty] * len(rows)
+        for at in records:
+            column[at] = rows[at][i]
     return pa.table(columns, schema=schema)
 
 

@@ -110,6 +110,7 @@ class RawEventsSQL:
             except (NoSuchModuleError, ImportError) as exc:
                 raise InputError(f"sources.raw: no SQLAlchemy driver for {self.url.drivername!r} ({exc})") from None
         self.engine = engine
+        self._read: list[Sums | RawAggregate] | None = None  # what the last aggregate() read
         self._digest: str | None = None
 
     # The canonical field → quoted column expression, and the column types.
@@ -140,9 +141,12 @@ class RawEventsSQL:
 
     def fingerprint(self) -> str:
         """The digest of the aggregates the last `aggregate()` returned: the same rows in the
-        run's range give the same digest, whatever else the table holds. Call it after aggregate()."""
+        run's range give the same digest, whatever else the table holds. Call it after
+        aggregate(); it is worked out on the first call (a run takes it beside its judging)."""
         if self._digest is None:
-            raise ConnectorError(f"{self.label}: fingerprint() before aggregate(): nothing read yet")
+            if self._read is None:
+                raise ConnectorError(f"{self.label}: fingerprint() before aggregate(): nothing read yet")
+            self._digest, self._read = _digest(self._read), None
         return f"sql:{self._digest}"
 
     def aggregate(
@@ -173,11 +177,11 @@ class RawEventsSQL:
     def _merged(
         self, timeline: Timeline, evidence_limit: int, zone: str, customers: frozenset[str]
     ) -> list[Sums | RawAggregate]:
-        """The aggregates as `_merged` gives them; their digest kept for `fingerprint()`."""
+        """The aggregates as `_merged` gives them, kept for `fingerprint()`."""
         with without_cyclic_gc():
             sums, evidence = self._run(timeline, evidence_limit, zone, customers, _fetch)
             merged = _merged(sums, evidence, evidence_limit)
-            self._digest = _digest(merged)
+        self._read, self._digest = merged, None
         return merged
 
     def plans(self, timeline: Timeline, evidence_limit: int, zone: str = "UTC") -> list[str]:

@@ -26,7 +26,7 @@ from hypothesis import strategies as st
 from psycopg import sql
 
 from bot.cli import main
-from connectors.base import InputError
+from connectors.base import ConnectorError, InputError
 from connectors.files import RawEventsFile
 from connectors.raw import is_database, raw_source, resolve
 from connectors.sql import Aggregation, RawEventsSQL, _begin, redact
@@ -198,9 +198,12 @@ def test_same_rows_same_fingerprint_and_a_change_changes_it(schema):
     first = RawEventsSQL(POSTGRES_URL, RawTable(name=load(schema, "fp_a", ODD_ROWS)))
     second = RawEventsSQL(POSTGRES_URL, RawTable(name=load(schema, "fp_b", [*ODD_ROWS, event("new", 1)])))
     grid = timeline((2026, 10))
+    with pytest.raises(ConnectorError, match="fingerprint\\(\\) before aggregate\\(\\): nothing read yet"):
+        first.fingerprint()
     first.aggregate(grid, 10)
     second.aggregate(grid, 10)
     assert first.fingerprint() != second.fingerprint()
+    assert first.fingerprint() == first.fingerprint()  # worked out on the first call, then kept
     again = RawEventsSQL(POSTGRES_URL, RawTable(name=f"{schema}.fp_a"))
     again.aggregate(grid, 10)
     assert again.fingerprint() == first.fingerprint()
