@@ -3,7 +3,10 @@
 - Approve (under-bill) writes a catch-up charge, Issue credit (over-bill) a credit, each under
   the platform idempotency key `rules.routing.writeback_key(kind, key)`: a double click, a
   retried event or a second worker never writes twice (the store is checked first, and the
-  platform itself replays the first result for the same key).
+  platform itself replays the first result for the same key). A write is marked before the
+  platform is called; a retry that finds the mark without a record (the answer was lost)
+  looks for what the key wrote on the platform first (`FindsWritten`, Stripe), so neither an
+  expired idempotency key nor a draft finalized in between makes a second charge or a refusal.
 - Absorb and Dismiss record that we let it go; Sign off closes a period's digest.
 - Above `[approvals] second_approver_above`, Approve and Issue credit only propose: a
   second click (the same button, or Confirm) by a *different* Slack user decides. The
@@ -21,8 +24,8 @@ from decimal import Decimal
 from typing import Any
 
 from bot.routing import Router
-from bot.store import RoutingLog, Store
-from connectors.base import UpstreamRejected, WriteBack
+from bot.store import RoutingLog, Store, now
+from connectors.base import FindsWritten, UpstreamRejected, WriteBack
 from rules.config import Config
 from rules.routing import WRITES, needs_second, split_key, writeback_key
 
@@ -115,7 +118,11 @@ class Decider:
         if self.log.writeback(idempotency_key) is not None:
             return
         platform = self.platform_of(run_id)
-        platform_id = self._write(self.writebacks[platform](), kind, key, line, run_id, idempotency_key)
+        target = self.writebacks[platform]()
+        platform_id = self._written_before(target, kind, key, line, run_id, idempotency_key)
+        if platform_id is None:
+            self.log.mark_writing(idempotency_key, now())
+            platform_id = self._write(target, kind, key, line, run_id, idempotency_key)
         self.log.save_writeback(
             idempotency_key,
             key,
@@ -129,12 +136,29 @@ class Decider:
             run_id,
         )
 
+    def _written_before(
+        self, target: WriteBack, kind: str, key: str, line: dict[str, Any], run_id: str, idempotency_key: str
+    ) -> str | None:
+        """What a write begun earlier under this key created, when its answer was lost (a mark
+        without a record) and the platform can be asked (`FindsWritten`); else None."""
+        since = self.log.writing(idempotency_key)
+        if since is None or not isinstance(target, FindsWritten):
+            return None
+        customer = split_key(key)[0]
+        return target.find_written(
+            kind, customer, self._invoice_of(line, run_id), idempotency_key, datetime.fromisoformat(since)
+        )
+
+    def _invoice_of(self, line: dict[str, Any], run_id: str) -> str | None:
+        """The invoice a key's line names, else the one its run was made for."""
+        return next(iter(line["evidence"].get("invoice_ids") or []), None) or self.store.run_invoice(run_id)
+
     def _write(
         self, target: WriteBack, kind: str, key: str, line: dict[str, Any], run_id: str, idempotency_key: str
     ) -> str:
         customer, meter, period = split_key(key)
         amount = abs(Decimal(line["delta_amount"]))
-        invoice_id = next(iter(line["evidence"].get("invoice_ids") or []), None) or self.store.run_invoice(run_id)
+        invoice_id = self._invoice_of(line, run_id)
         span = (datetime.fromisoformat(line["period_start"]), datetime.fromisoformat(line["period_end"]))
         if kind == "charge":
             description = f"Usage catch-up: {meter} {period} ({line['delta_units']} units not billed)"

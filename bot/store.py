@@ -40,6 +40,7 @@ TABLES = (
     "route_tickets",
     "route_decisions",
     "route_writebacks",
+    "route_writing",
     "schema_version",
 )
 
@@ -786,22 +787,38 @@ class RoutingLog:
         return self._one("SELECT * FROM route_writebacks WHERE idempotency_key = ?", [idempotency_key])
 
     def save_writeback(self, idempotency_key: str, key: str, facts: dict[str, str], run_id: str) -> None:
-        """`facts`: platform, kind (charge | credit), amount, currency and platform_id."""
+        """Record a write-back (and let go of its `writing` mark). `facts`: platform, kind
+        (charge | credit), amount, currency and platform_id."""
+        with self.backend.transaction():
+            self._write(
+                """INSERT INTO route_writebacks (idempotency_key, key, platform, kind, amount, currency,
+                       platform_id, run_id, written_at)
+                   VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT (idempotency_key) DO NOTHING""",
+                [
+                    idempotency_key,
+                    key,
+                    facts["platform"],
+                    facts["kind"],
+                    facts["amount"],
+                    facts["currency"],
+                    facts["platform_id"],
+                    run_id,
+                    now(),
+                ],
+            )
+            self._write("DELETE FROM route_writing WHERE idempotency_key = ?", [idempotency_key])
+
+    def writing(self, idempotency_key: str) -> str | None:
+        """When a write-back under this key was begun and not recorded, if one was."""
+        row = self._one("SELECT since FROM route_writing WHERE idempotency_key = ?", [idempotency_key])
+        return row["since"] if row else None
+
+    def mark_writing(self, idempotency_key: str, since: str) -> None:
+        """Note, before calling the platform, that a write-back is under way (the first
+        attempt's mark is kept)."""
         self._write(
-            """INSERT INTO route_writebacks (idempotency_key, key, platform, kind, amount, currency, platform_id,
-                   run_id, written_at)
-               VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT (idempotency_key) DO NOTHING""",
-            [
-                idempotency_key,
-                key,
-                facts["platform"],
-                facts["kind"],
-                facts["amount"],
-                facts["currency"],
-                facts["platform_id"],
-                run_id,
-                now(),
-            ],
+            "INSERT INTO route_writing (idempotency_key, since) VALUES (?, ?) ON CONFLICT (idempotency_key) DO NOTHING",
+            [idempotency_key, since],
         )
 
     def writebacks(self, period: str | None = None) -> list[dict[str, Any]]:
@@ -1017,6 +1034,12 @@ def _schema_7(db: Backend) -> None:
     db.execute("DROP TABLE run_lines")
 
 
+def _schema_8(db: Backend) -> None:
+    """A write-back under way: marked before the platform is called, cleared when it is recorded,
+    so a write whose answer was lost is looked for on the platform instead of written again."""
+    db.execute("CREATE TABLE route_writing (idempotency_key TEXT PRIMARY KEY, since TEXT NOT NULL)")
+
+
 # The schema's history, oldest first: version N is MIGRATIONS[N - 1]. Append; never edit a step.
 MIGRATIONS: list[Callable[[Backend], None]] = [
     _schema_1,
@@ -1026,5 +1049,6 @@ MIGRATIONS: list[Callable[[Backend], None]] = [
     _schema_5,
     _schema_6,
     _schema_7,
+    _schema_8,
 ]
 SCHEMA_VERSION = len(MIGRATIONS)

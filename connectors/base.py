@@ -9,7 +9,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import datetime
 from decimal import Decimal
-from typing import Any, NamedTuple, Protocol
+from typing import Any, NamedTuple, Protocol, runtime_checkable
 from urllib.parse import quote
 
 from tenacity import (
@@ -190,6 +190,21 @@ class WriteBack(Protocol):
         *,
         meter: str | None = None,
     ) -> str: ...
+
+
+@runtime_checkable
+class FindsWritten(Protocol):
+    """A platform on which a write-back can be looked for by its idempotency key. After a write
+    whose answer was lost, the decider looks before writing again: the platform's idempotency
+    keys expire, and a retry may not send what the first attempt sent (a draft invoice that
+    was finalized since takes a charge differently), which the platform would refuse."""
+
+    def find_written(
+        self, kind: str, customer_id: str, invoice_id: str | None, idempotency_key: str, since: datetime
+    ) -> str | None:
+        """The id of what a write of `kind` (`charge` or `credit`) under `idempotency_key`,
+        begun at `since`, created for the customer; None if it created nothing."""
+        ...
 
 
 class UsageSource(Protocol):

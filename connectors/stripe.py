@@ -55,7 +55,8 @@ next invoice) with `metadata.recon_kind = catch_up`, the meter and the discrepan
 so a later read takes it as an `adjustment` of that key (never as usage, never in a later
 period's key). `issue_credit` writes a credit note on a finalized invoice (the part above
 what is still due goes to the customer's balance), or a customer balance credit when there
-is no finalized invoice. Every write carries the caller's idempotency key.
+is no finalized invoice. Every write carries the caller's idempotency key, and its
+`metadata.recon_key`, by which `find_written` finds it again after a lost answer.
 
 Prices and customers are cached for the life of a `StripeBilling`: build one per
 run (or per burst of webhook events) so a changed customer metadata is seen.
@@ -100,6 +101,7 @@ _STRIPE_EXPONENTS = {"isk": 2}
 Json = dict[str, Any]
 Span = tuple[datetime, datetime]
 PERIOD_SLACK_BEFORE, PERIOD_SLACK_AFTER = timedelta(days=1), timedelta(days=2)
+FIND_SLACK = timedelta(minutes=10)  # our clock against Stripe's, when looking for an earlier write
 
 
 def make_client(
@@ -253,6 +255,30 @@ class StripeBilling:
         txn = self._retrying(self._create_once, "balance_transactions", params, idempotency_key, stripe_customer)
         log.info("stripe balance credit %s for %s (%s)", txn, stripe_customer, idempotency_key)
         return txn
+
+    def find_written(
+        self, kind: str, customer_id: str, invoice_id: str | None, idempotency_key: str, since: datetime
+    ) -> str | None:
+        """What an earlier `add_charge` (kind `charge`) or `issue_credit` (`credit`) under
+        `idempotency_key` created, if it reached Stripe: the customer's invoice items, or credit
+        notes and balance transactions, created since a little before `since` (clocks differ),
+        whose `metadata.recon_key` is the key (`connectors.base.FindsWritten`)."""
+        stripe_customer, _ = self._customer_and_invoice(customer_id, invoice_id)
+        created = {"gte": _unix(since - FIND_SLACK)}
+        lists: list[tuple[str, dict[str, Any]]] = (
+            [("/v1/invoiceitems", {"customer": stripe_customer})]
+            if kind == "charge"
+            else [
+                ("/v1/credit_notes", {"customer": stripe_customer}),
+                (f"/v1/customers/{path_segment(stripe_customer)}/balance_transactions", {}),
+            ]
+        )
+        for path, params in lists:
+            for found in self._paginate(path, created=created, **params):
+                if _metadata(found).get("recon_key") == idempotency_key:
+                    log.info("stripe %s %s was written before (%s)", kind, found["id"], idempotency_key)
+                    return str(found["id"])
+        return None
 
     def stripe_customer(self, customer_id: str) -> str:
         """The Stripe customer of a product customer id: itself, or by the metadata rule (search)."""

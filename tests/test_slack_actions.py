@@ -13,6 +13,8 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import pytest
+import requests
+import responses
 from responses import matchers
 
 from bot.actions import Decider
@@ -186,6 +188,90 @@ def test_absorb_records_who_let_it_go_and_writes_nothing(tmp_path, slack, stripe
     trail = RoutingLog(context.store).trail(UNDER)
     assert [(d["action"], d["user_id"]) for d in trail["decisions"]] == [("absorb", "U0LEAD")]
     assert trail["writebacks"] == []
+
+
+def test_a_charge_whose_answer_was_lost_is_found_on_stripe_not_written_again(tmp_path, slack, stripe_api):
+    """Stripe made the item but every answer was lost; by the retry the draft was finalized,
+    so the same key would now send other parameters (which Stripe refuses) or, a day later,
+    make a second item. The retry looks for the key's item first and records it."""
+    app, context = world(tmp_path, slack)
+    stripe_api.get(
+        f"{BASE}/v1/invoices/in_cus_a_2026-10",
+        json=invoice(customer="cus_a", status="draft") | {"id": "in_cus_a_2026-10"},
+    )
+    lost = stripe_api.post(f"{BASE}/v1/invoiceitems", body=requests.ConnectionError("answer lost"))
+    began = datetime.now(UTC)
+    click(app, "approve", UNDER)
+    work(context)
+    [event] = context.store.events()
+    assert (event["status"], event["attempts"]) == ("pending", 1)  # to be retried
+    log = RoutingLog(context.store)
+    key = writeback_key("charge", UNDER)
+    assert log.writing(key) is not None and log.writeback(key) is None
+    attempts = lost.call_count
+
+    stripe_api.replace(
+        responses.GET,
+        f"{BASE}/v1/invoices/in_cus_a_2026-10",
+        json=invoice(customer="cus_a", status="open") | {"id": "in_cus_a_2026-10"},
+    )
+    made = shared("invoiceitem") | {"id": "ii_made_then", "customer": "cus_a", "metadata": {"recon_key": key}}
+    other = shared("invoiceitem") | {"id": "ii_other", "customer": "cus_a", "metadata": {}}
+    listed = stripe_api.get(
+        f"{BASE}/v1/invoiceitems",
+        json={"object": "list", "url": "/v1/invoiceitems", "has_more": False, "data": [other, made]},
+        match=[matchers.query_param_matcher({"customer": "cus_a", "limit": "100"}, strict_match=False)],
+    )
+    later = Worker(context.store, slack_handlers(context), clock=lambda: NOW + timedelta(hours=2))
+    while later.run_once():
+        pass
+
+    assert listed.call_count == 1 and lost.call_count == attempts  # looked, and wrote nothing more
+    assert [e["status"] for e in context.store.events()] == ["done"]
+    assert log.writeback(key)["platform_id"] == "ii_made_then"
+    assert log.writing(key) is None
+    # only what was made since the write began (less ten minutes for the clocks) is listed
+    created = int(listed.calls[0].request.params["created[gte]"])
+    assert int(began.timestamp()) - 601 <= created <= int(datetime.now(UTC).timestamp()) - 600
+
+
+def test_a_credit_whose_answer_was_lost_is_not_given_twice_once_the_invoice_is_final(tmp_path, slack, stripe_api):
+    """The first attempt, on a draft, credited the balance; the retry, the invoice now open,
+    would write a credit note: it finds the balance credit first."""
+    app, context = world(tmp_path, slack)
+    stripe_api.get(
+        f"{BASE}/v1/invoices/in_cus_b_2026-10",
+        json=invoice(customer="cus_b", status="draft") | {"id": "in_cus_b_2026-10"},
+    )
+    balance = f"{BASE}/v1/customers/cus_b/balance_transactions"
+    lost = stripe_api.post(balance, body=requests.ConnectionError("answer lost"))
+    click(app, "issue_credit", OVER, user="U0CSMBEE")
+    work(context)
+    key = writeback_key("credit", OVER)
+    assert RoutingLog(context.store).writing(key) is not None
+
+    stripe_api.replace(
+        responses.GET,
+        f"{BASE}/v1/invoices/in_cus_b_2026-10",
+        json=invoice(customer="cus_b", status="open") | {"id": "in_cus_b_2026-10", "amount_remaining": 5000},
+    )
+    notes = stripe_api.get(
+        f"{BASE}/v1/credit_notes",
+        json={"object": "list", "url": "/v1/credit_notes", "has_more": False, "data": []},
+        match=[matchers.query_param_matcher({"customer": "cus_b", "limit": "100"}, strict_match=False)],
+    )
+    txn = shared("customer_balance_transaction") | {"id": "cbtxn_made_then", "metadata": {"recon_key": key}}
+    credits = stripe_api.get(
+        balance,
+        json={"object": "list", "url": "/v1/customers/cus_b/balance_transactions", "has_more": False, "data": [txn]},
+    )
+    attempts = lost.call_count
+    later = Worker(context.store, slack_handlers(context), clock=lambda: NOW + timedelta(hours=2))
+    while later.run_once():
+        pass
+
+    assert (notes.call_count, credits.call_count, lost.call_count) == (1, 1, attempts)
+    assert RoutingLog(context.store).writeback(key)["platform_id"] == "cbtxn_made_then"
 
 
 def test_issue_credit_writes_one_credit_note_on_the_finalized_invoice(tmp_path, slack, stripe_api):
