@@ -367,6 +367,8 @@ def save(
     invoice_id: str | None = None,
     seen: Callable[[bytes], object] | None = None,
 ) -> bool:
+    # A run's lines are all of its periods: the store reads a period's lines only from runs so
+    # labelled (bot.store._RUNS_OF_PERIOD).
     label = periods[0].label if len(periods) == 1 else f"{periods[0].label}..{periods[-1].label}"
     record = RunRecord(
         run_id=head["run_id"],

@@ -86,6 +86,11 @@ class Claimed:
     attempts: int
 
 
+# The runs that may hold lines of a period (parameters: its label, then '%..%'). A run's lines
+# are all of its own periods (bot.service.save labels a run of one period by it, of several
+# `first..last`), so a run of one other period holds none; a custom period's label has `..` too.
+_RUNS_OF_PERIOD = "(period_label = ? OR period_label LIKE ?)"
+
 RUN_COLUMNS = (
     "run_id, status, created_at, period_start, period_end, period_label, config_hash, calculation_version, "
     "inputs, customers, invoice_id, customer_id, summary"
@@ -640,12 +645,14 @@ class Store:
         return self._line_at(row[0], position) if row and position is not None else None
 
     def latest_line(self, customer_id: str, meter: str, period: str) -> tuple[str, dict[str, Any]] | None:
-        """The newest finished run's line for a key, with that run's id."""
+        """The newest finished run's line for a key, with that run's id. Only the runs of the
+        customer that may hold the period are read (see `_RUNS_OF_PERIOD`)."""
         runs = self.backend.tuples(
-            """SELECT run_id FROM runs
-               WHERE status = 'done' AND run_id IN (SELECT run_id FROM run_customers WHERE customer_id = ?)
-               ORDER BY created_at DESC, run_id DESC""",
-            [customer_id],
+            f"""SELECT run_id FROM runs
+                WHERE status = 'done' AND {_RUNS_OF_PERIOD}
+                    AND run_id IN (SELECT run_id FROM run_customers WHERE customer_id = ?)
+                ORDER BY created_at DESC, run_id DESC""",
+            [period, "%..%", customer_id],
         )
         for (run_id,) in runs:
             position = self._position_of(run_id, customer_id, meter, period)
@@ -654,12 +661,11 @@ class Store:
         return None
 
     def period_lines(self, period: str) -> list[dict[str, Any]]:
-        """The newest finished run's line for every key of a period (every customer and meter).
-        A run of one period holds lines of that period only, so the runs of other single
-        periods are not read."""
+        """The newest finished run's line for every key of a period (every customer and meter):
+        every page's keys of the runs that may hold the period (`_RUNS_OF_PERIOD`), then the
+        texts of the lines found."""
         runs = self.backend.tuples(
-            """SELECT run_id FROM runs WHERE status = 'done' AND (period_label = ? OR period_label LIKE ?)
-               ORDER BY created_at, run_id""",
+            f"SELECT run_id FROM runs WHERE status = 'done' AND {_RUNS_OF_PERIOD} ORDER BY created_at, run_id",
             [period, "%..%"],
         )
         latest: dict[tuple[str, str], tuple[str, int]] = {}
@@ -1002,36 +1008,42 @@ def _schema_7(db: Backend) -> None:
     db.execute("ALTER TABLE run_pages ADD COLUMN breaks INTEGER NOT NULL DEFAULT 0")
     db.execute(f"ALTER TABLE run_pages ADD COLUMN keys {body}")
     for (run_id,) in db.tuples("SELECT DISTINCT run_id FROM run_pages ORDER BY run_id"):
-        rows = db.tuples(
-            "SELECT position, customer_id, meter, period, class FROM run_lines WHERE run_id = ? ORDER BY position",
-            [run_id],
-        )
-        firsts = [
-            first
-            for (first,) in db.tuples(
-                "SELECT first_position FROM run_pages WHERE run_id = ? ORDER BY first_position", [run_id]
-            )
-        ]
-        for first, end in zip(firsts, [*firsts[1:], len(rows)], strict=True):
-            _, customers, meters, periods, classes = (list(c) for c in zip(*rows[first:end], strict=True))
-            db.execute(
-                "UPDATE run_pages SET breaks = ?, keys = ? WHERE run_id = ? AND first_position = ?",
-                [
-                    len(classes) - classes.count("match"),
-                    pack_keys(customers, meters, periods, classes),
-                    run_id,
-                    first,
-                ],
-            )
-        position = 0
-        for customer, same in groupby(customer for _, customer, _, _, _ in rows):
-            count = sum(1 for _ in same)
-            db.execute(
-                "INSERT INTO run_customers (run_id, first_position, customer_id, lines) VALUES (?, ?, ?, ?)",
-                [run_id, position, customer, count],
-            )
-            position += count
+        _index_run_pages(db, run_id)
     db.execute("DROP TABLE run_lines")
+
+
+def _index_run_pages(db: Backend, run_id: str) -> None:
+    """Version 7's index of a run stored before it: each page's keys and breaks, from run_lines
+    (or, where run_lines does not hold a page's every line, from the page's own texts), and
+    where each customer's lines start."""
+    keyed = {
+        position: key
+        for position, *key in db.tuples(
+            "SELECT position, customer_id, meter, period, class FROM run_lines WHERE run_id = ?", [run_id]
+        )
+    }
+    updates, customers = [], []
+    for first, body in db.tuples(
+        "SELECT first_position, body FROM run_pages WHERE run_id = ? ORDER BY first_position", [run_id]
+    ):
+        texts = unpack(body)
+        positions = range(first, first + len(texts))
+        if all(p in keyed for p in positions):
+            keys = [keyed[p] for p in positions]
+        else:
+            shown = map(parse_line, texts)
+            keys = [[ln["customer_id"], ln["meter"], ln["period"], ln["class"]] for ln in shown]
+        columns = [list(column) for column in zip(*keys, strict=True)] if keys else [[], [], [], []]
+        classes = columns[3]
+        updates.append((len(classes) - classes.count("match"), pack_keys(*columns), run_id, first))
+        customers += columns[0]
+    db.executemany("UPDATE run_pages SET breaks = ?, keys = ? WHERE run_id = ? AND first_position = ?", updates)
+    spans, position = [], 0
+    for customer, same in groupby(customers):
+        count = sum(1 for _ in same)
+        spans.append((run_id, position, customer, count))
+        position += count
+    db.insert_many("run_customers", ("run_id", "first_position", "customer_id", "lines"), spans)
 
 
 def _schema_8(db: Backend) -> None:
