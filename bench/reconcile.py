@@ -323,7 +323,7 @@ def stored_summary(database: Path, out: Path) -> str:
     """Proof that the run was stored: its lines in the store, its report written."""
     with sqlite3.connect(database) as con:
         runs = con.execute("SELECT count(*) FROM runs").fetchone()[0]
-        lines = con.execute("SELECT count(*) FROM run_lines").fetchone()[0]
+        lines = con.execute("SELECT coalesce(sum(lines), 0) FROM run_customers").fetchone()[0]
         breaks = con.execute("SELECT count(*) FROM discrepancies").fetchone()[0]
     con.close()
     return (
