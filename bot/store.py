@@ -581,9 +581,10 @@ class Store:
         """Count a cycle on each open timing item of a key this run saw in a later period without
         clearing it; escalate the items that reach `escalate_after` cycles. Returns those escalated now.
 
-        A cycle is one later period: re-running the same period counts once. The open items
-        are few; each is looked up among its customer's lines in the run (run_customers), so a
-        run of 500,000 keys is not walked line by line."""
+        A cycle is one later period: re-running the same period counts once. Each open item is
+        looked up among its customer's lines in the run (run_customers), so a run of 500,000
+        keys is not walked line by line; a run of one period holds lines of that period only
+        (`_RUNS_OF_PERIOD`), so it looks up only the items of earlier periods."""
         escalated = []
         pages: dict[tuple[str, int], PageKeys] = {}
         with self.backend.transaction():
@@ -591,6 +592,9 @@ class Store:
                 """SELECT customer_id, meter, period FROM watchlist WHERE status = 'open'
                    ORDER BY customer_id, meter, period"""
             )
+            row = self.backend.one("SELECT period_label FROM runs WHERE run_id = ?", [run_id])
+            if row is not None and ".." not in row[0]:  # compared here, as the lines' periods are
+                open_items = [item for item in open_items if item[2] < row[0]]
             seen_later = [
                 (customer, meter, period, seen)
                 for customer, meter, period in open_items
