@@ -143,9 +143,11 @@ class TableFile:
         remote objects (not downloaded twice), each object's name, size and last-modified time."""
         digest = hashlib.sha256()
         if self.remote:
-            listing = self.con.execute(
-                "SELECT filename, size, last_modified FROM read_blob(?) ORDER BY filename", [str(self.path)]
-            ).fetchall()
+            # a cursor of its own: a run takes the fingerprint while its scan uses the connection
+            with self.con.cursor() as cursor:
+                listing = cursor.execute(
+                    "SELECT filename, size, last_modified FROM read_blob(?) ORDER BY filename", [str(self.path)]
+                ).fetchall()
             for name, size, modified in listing:
                 digest.update(f"{name}\t{size}\t{modified.isoformat()}\n".encode())
             return f"objects-sha256:{digest.hexdigest()}"
@@ -871,10 +873,15 @@ class _Watch:
 
 
 def enable_remote(con: duckdb.DuckDBPyConnection, url: str, environ: Mapping[str, str] | None = None) -> None:
-    """Load DuckDB's httpfs extension and give it the standard AWS variables as an S3 secret."""
+    """Let DuckDB read `url`: through its httpfs extension when that loads, given the standard
+    AWS variables as an S3 secret; else, for `s3://`, through s3fs (an fsspec filesystem, the
+    `s3` extra) registered on the connection; else through httpfs installed now (a download)."""
+    environ = os.environ if environ is None else environ
     try:
         con.execute("LOAD httpfs")
     except duckdb.Error:
+        if S3FS_URL.match(url) and _register_s3fs(con, environ):
+            return
         try:
             con.execute("INSTALL httpfs")
             con.execute("LOAD httpfs")
@@ -882,11 +889,38 @@ def enable_remote(con: duckdb.DuckDBPyConnection, url: str, environ: Mapping[str
             raise InputError(
                 f"{url}: DuckDB's httpfs extension is needed to read it and could not be installed "
                 f"({_first_line(exc)}); run `INSTALL httpfs` in DuckDB on a machine that can download it"
+                + (", or install s3fs (pip install 'overage-recon[s3]')" if S3FS_URL.match(url) else "")
             ) from None
-    options = s3_secret(os.environ if environ is None else environ)
+    options = s3_secret(environ)
     if options:
         spec = ", ".join(f"{key} {_quote_literal(value)}" for key, value in options.items())
         con.execute(f"CREATE OR REPLACE SECRET recon_s3 (TYPE s3, {spec})")
+
+
+S3FS_URL = re.compile(r"^s3a?://", re.IGNORECASE)
+
+
+def _register_s3fs(con: duckdb.DuckDBPyConnection, environ: Mapping[str, str]) -> bool:
+    """s3fs on the connection, with the same AWS variables as `s3_secret` (and, without keys,
+    botocore's own chain: profile, instance role); False when s3fs is not installed. A fresh
+    filesystem without a listing cache, so a long-running worker sees new objects."""
+    try:
+        import s3fs  # type: ignore[import-untyped]
+    except ImportError:
+        return False
+    options: dict[str, Any] = {"skip_instance_cache": True, "use_listings_cache": False}
+    variables = (("key", "AWS_ACCESS_KEY_ID"), ("secret", "AWS_SECRET_ACCESS_KEY"), ("token", "AWS_SESSION_TOKEN"))
+    for option, name in variables:
+        if environ.get(name):
+            options[option] = environ[name]
+    endpoint = environ.get("AWS_ENDPOINT_URL_S3") or environ.get("AWS_ENDPOINT_URL")
+    if endpoint:
+        options["endpoint_url"] = endpoint if "://" in endpoint else f"https://{endpoint}"
+    region = environ.get("AWS_REGION") or environ.get("AWS_DEFAULT_REGION")
+    if region:
+        options["client_kwargs"] = {"region_name": region}
+    con.register_filesystem(s3fs.S3FileSystem(**options))
+    return True
 
 
 def s3_secret(environ: Mapping[str, str]) -> dict[str, str]:

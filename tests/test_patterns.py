@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import json
+import sys
+import uuid
 from datetime import timedelta
 from pathlib import Path
+from typing import Any
 from zoneinfo import ZoneInfo
 
 import duckdb
@@ -90,18 +94,108 @@ def test_s3_credentials_come_from_the_standard_aws_variables():
     assert s3_secret({}) == {}
 
 
-def test_an_s3_pattern_loads_httpfs_or_says_in_one_line_why_it_cannot(monkeypatch):
+def test_without_httpfs_or_s3fs_an_s3_pattern_says_in_one_line_why_it_cannot_be_read(monkeypatch):
     monkeypatch.setenv("AWS_ACCESS_KEY_ID", "AKIAEXAMPLE")
     monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "s3cret")
     monkeypatch.setenv("AWS_ENDPOINT_URL", "http://127.0.0.1:9")
+    monkeypatch.setitem(sys.modules, "s3fs", None)  # not installed
     url = "s3://bucket/raw/*.parquet"
     try:
         source = raw_source(url, Path("."))
     except InputError as exc:
         message = str(exc)
         assert message.startswith(f"{url}: DuckDB's httpfs extension is needed")
+        assert message.endswith("or install s3fs (pip install 'overage-recon[s3]')")
         assert "\n" not in message and "s3cret" not in message
         return
     secrets = source.table.con.execute("SELECT name, secret_string FROM duckdb_secrets()").fetchall()
-    assert [name for name, _ in secrets] == ["recon_s3"]
+    assert [name for name, _ in secrets] == ["recon_s3"]  # httpfs loaded here: the variables are its secret
     assert "127.0.0.1:9" in secrets[0][1] and "s3cret" not in secrets[0][1]
+
+
+class Bucket:
+    """A bucket of its own on the local S3 server (moto keeps one store per process)."""
+
+    def __init__(self, client: Any) -> None:
+        self.client, self.name = client, f"usage-{uuid.uuid4().hex[:12]}"
+        client.create_bucket(Bucket=self.name)
+
+    def put(self, path: Path, key: str) -> str:
+        self.client.upload_file(str(path), self.name, key)
+        return f"s3://{self.name}/{key}"
+
+
+@pytest.fixture
+def s3(monkeypatch):
+    """A local S3 server (moto's) and a fresh bucket on it; the AWS variables point at it."""
+    import boto3
+    from moto.server import ThreadedMotoServer
+
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    server.start()
+    try:
+        host, port = server.get_host_and_port()
+        variables = {
+            "AWS_ACCESS_KEY_ID": "AKIATESTING",
+            "AWS_SECRET_ACCESS_KEY": "s3cret-testing",
+            "AWS_DEFAULT_REGION": "us-east-1",
+            "AWS_ENDPOINT_URL": f"http://{host}:{port}",
+        }
+        for name, value in variables.items():
+            monkeypatch.setenv(name, value)
+        yield Bucket(boto3.client("s3", endpoint_url=variables["AWS_ENDPOINT_URL"]))
+    finally:
+        server.stop()
+
+
+def reads_through_httpfs() -> bool:
+    """Whether this machine reads s3:// through DuckDB's httpfs (else through s3fs)."""
+    try:
+        duckdb.connect().execute("LOAD httpfs")
+    except duckdb.Error:
+        return False
+    return True
+
+
+def test_an_s3_pattern_reads_every_object_as_one_table_and_fingerprints_them(tmp_path, s3):
+    for name, rows in (("2026-10-a", FIRST), ("2026-10-b", SECOND), ("2026-09-a", [event("sep", 1000)])):
+        s3.put(write_csv(tmp_path / f"{name}.csv", RAW, rows), f"raw/{name}.csv")
+    whole = write_csv(tmp_path / "whole.csv", RAW, FIRST + SECOND)
+    url = f"s3://{s3.name}/raw/2026-10-*.csv"
+
+    source = raw_source(url, tmp_path)
+    assert by_key(source.aggregate(october(), 10)) == by_key(RawEventsFile(whole).aggregate(october(), 10))
+    if not reads_through_httpfs():
+        assert source.table.con.list_filesystems() != []  # s3fs, registered on the connection
+    before = source.fingerprint()
+    assert raw_source(url, tmp_path).fingerprint() == before
+    s3.put(write_csv(tmp_path / "more.csv", RAW, [event("e9", 1)]), "raw/2026-10-c.csv")
+    again = raw_source(url, tmp_path)
+    assert again.fingerprint() != before
+    total = sum(a.quantity for a in RawEventsFile(whole).aggregate(october(), 10))
+    assert sum(a.quantity for a in again.aggregate(october(), 10)) == total + 1
+
+
+def test_a_bad_row_on_s3_names_the_object_and_its_line(tmp_path, s3):
+    s3.put(write_csv(tmp_path / "a.csv", RAW, FIRST), "raw/a.csv")
+    bad = s3.put(write_csv(tmp_path / "b.csv", RAW, [event("e7", 1), event("e8", "x")]), "raw/b.csv")
+    with pytest.raises(InputError) as caught:
+        raw_source(f"s3://{s3.name}/raw/*.csv", tmp_path).aggregate(october(), 10)
+    assert str(caught.value) == f"{bad}: line 3: quantity: not a decimal number ('x')"
+
+
+def test_recon_reconcile_reads_raw_events_from_s3(tmp_path, s3):
+    from click.testing import CliRunner
+
+    from bot.cli import main
+    from tests.book import line, metered, write_book
+
+    config = write_book(tmp_path, FIRST + SECOND, [metered(15)], [line(1, "0.00")])
+    url = s3.put(tmp_path / "raw.csv", "raw/all.csv")
+    command = ["reconcile", "--config", str(config), "--format", "json", "--period", "2026-10"]
+    local = CliRunner().invoke(main, command)
+    config.write_text(config.read_text().replace('raw = "raw.csv"', f'raw = "{url}"'))
+    remote = CliRunner().invoke(main, command)
+    assert (local.exit_code, remote.exit_code) == (0, 0), remote.output
+    assert json.loads(remote.stdout)["lines"] == json.loads(local.stdout)["lines"] != []
+    assert "s3cret" not in remote.output
