@@ -411,8 +411,13 @@ class Store:
                 clauses.append(f"{column} = ?")
                 params.append(filters[column])
         if filters.get("period"):
-            clauses.append("(period_label = ? OR period_label LIKE ? || '..%')")
-            params += [filters["period"], filters["period"]]
+            # the period itself, a run of months from it, or (`YYYY-MM..YYYY-MM`) one covering it
+            clauses.append(
+                """(period_label = ? OR period_label LIKE ? || '..%'
+                    OR (length(period_label) = 16 AND period_label LIKE '____-__..____-__'
+                        AND substr(period_label, 1, 7) <= ? AND substr(period_label, 10, 7) >= ?))"""
+            )
+            params += [filters["period"]] * 4
         if filters.get("customer_id"):
             clauses.append("(customer_id = ? OR run_id IN (SELECT run_id FROM run_customers WHERE customer_id = ?))")
             params += [filters["customer_id"], filters["customer_id"]]

@@ -434,7 +434,7 @@ def _unit_cause(units: Units, facts: KeyFacts, adjustments: Decimal, currency: s
 def _with_duplicates(cause: str, facts: KeyFacts) -> str:
     if not facts.dropped_copies:
         return cause
-    note = f"{facts.dropped_copies} duplicate events ignored"
+    note = f"{facts.dropped_copies} duplicate event{'' if facts.dropped_copies == 1 else 's'} ignored"
     if facts.conflicting_copies:
         note += f" ({facts.conflicting_copies} with differing quantities; the first received was kept)"
     return f"{cause}; {note}"

@@ -21,6 +21,7 @@ from rules.pricing import MODELS, ROUNDINGS, Pricing, Tier
 
 DESTINATION = re.compile(r"^(slack:[#@][\w.\-]+|ticket:(jira|linear)|webhook:[\w.\-]+|watchlist)$")
 DURATION = re.compile(r"^(?:(\d+)d)?(?:(\d+)h)?(?:(\d+)m)?(?:(\d+)s)?$")
+CURRENCY = re.compile(r"[A-Za-z]{3}")
 
 
 class ConfigError(ValueError):
@@ -254,6 +255,14 @@ def _str(value: Any, where: str) -> str:
     return value
 
 
+def _currency(value: Any, where: str) -> str:
+    """An ISO 4217 code (`usd`, `EUR`), lower-cased as the platforms report it."""
+    text = _str(value, where)
+    if not CURRENCY.fullmatch(text):
+        raise ConfigError(f"{where}: must be a three-letter ISO 4217 code such as 'usd' (got {text!r})")
+    return text.lower()
+
+
 def _decimal(value: Any, where: str, *, positive: bool = False) -> Decimal:
     if isinstance(value, bool):
         raise ConfigError(f"{where}: must be a number (got {value!r})")
@@ -281,9 +290,10 @@ def _choice(value: Any, choices: tuple[str, ...] | dict[str, Any], where: str) -
 
 
 def parse_duration(value: Any, where: str) -> timedelta:
-    """`48h`, `2d`, `1d12h`, `90m`, `30s`, or a whole number of seconds."""
-    if isinstance(value, int) and not isinstance(value, bool) and value >= 0:
-        return timedelta(seconds=value)
+    """`48h`, `2d`, `1d12h`, `90m`, `30s`. A bare number is refused: `grace = 48` could mean
+    hours as well as seconds, and a wrong guess silently moves events in or out of a period."""
+    if isinstance(value, (int, float, Decimal)) and not isinstance(value, bool):
+        raise ConfigError(f"{where}: a number has no unit; write it as a duration such as '{value}h' or '{value}s'")
     match = DURATION.match(value) if isinstance(value, str) and value else None
     if not match:
         raise ConfigError(f"{where}: must be a duration such as '48h', '2d' or '90m' (got {value!r})")
@@ -353,7 +363,7 @@ def _meter(table: dict[str, Any], where: str, period: PeriodRules) -> Meter:
         precision=_int(table.get("precision", 0), f"{where}.precision", minimum=0),
         included=_decimal(table.get("included", 0), f"{where}.included"),
         pricing=pricing,
-        currency=_str(table.get("currency", "usd"), f"{where}.currency").lower(),
+        currency=_currency(table.get("currency", "usd"), f"{where}.currency"),
         tolerance=_decimal(table.get("tolerance", 0), f"{where}.tolerance"),
         plan=tuple(sorted(plan, key=lambda p: p.effective)),
         **optional,

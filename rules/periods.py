@@ -69,7 +69,8 @@ def _month(text: str) -> tuple[int, int]:
 
 
 def parse_period(text: str, zone: ZoneInfo) -> Period:
-    """`2026-10` (a month) or `START..END` (one custom period)."""
+    """`2026-10` (a month) or `START..END` (one custom period; one that is exactly a calendar
+    month in `zone` is that month, label and all, so both spellings make the same run)."""
     text = text.strip()
     if MONTH.match(text):
         return month(*_month(text), zone)
@@ -78,7 +79,7 @@ def parse_period(text: str, zone: ZoneInfo) -> Period:
         start, end = _instant(first, zone), _instant(last, zone)
         if end <= start:
             raise PeriodError(f"--period: {text!r} ends before it starts")
-        return Period(start, end, f"{_label(start, zone)}..{_label(end, zone)}")
+        return Period(start, end, label_for(start, end, zone))
     raise PeriodError(f"--period: expected YYYY-MM or START..END (got {text!r})")
 
 

@@ -14,7 +14,10 @@ from rules.match import Joined, KeyFacts, join
 from rules.models import InvoiceLine, MeteredRecord, Period, RawAggregate, Report
 from rules.timeline import Timeline
 
-CALCULATION_VERSION = "1"
+# Part of every run's id: a change to what the same inputs report makes new runs. "2" from
+# 2026-12-08: "1 duplicate event ignored" (was "events"), and a month given as its dates is
+# labelled as the month.
+CALCULATION_VERSION = "2"
 
 
 @contextmanager

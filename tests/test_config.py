@@ -41,6 +41,10 @@ def test_plan_dates_are_midnight_in_the_period_zone():
         (BASE + BASE, "meters[1].name: meter 'api_calls' is declared twice"),
         ('[period]\ntimezone = "Mars/Olympus"\n', "period.timezone: unknown time zone"),
         ('[period]\ngrace = "two days"\n', "period.grace: must be a duration"),
+        ("[period]\ngrace = 48\n", "period.grace: a number has no unit; write it as a duration such as '48h' or '48s'"),
+        ("[schedule]\nclose_after = 3.5\n", "schedule.close_after: a number has no unit"),
+        (BASE + 'currency = "dollars"\n', "meters[0].currency: must be a three-letter ISO 4217 code such as 'usd'"),
+        (BASE + 'currency = "u$d"\n', "meters[0].currency: must be a three-letter ISO 4217 code"),
         ('[[routes]]\nclass = "refund"\nto = "watchlist"\n', "routes[0].class: must be one of"),
         ('[[routes]]\nclass = "timing"\nto = "email:bob"\n', "routes[0].to: must be slack:#channel"),
         ('[sourcez]\nraw = "x"\n', "sourcez: unknown key"),
@@ -65,9 +69,10 @@ def test_a_wrong_key_type_or_value_names_the_key(text, message):
     assert "\n" not in str(caught.value)
 
 
-def test_durations():
+def test_durations_and_currencies():
     assert parse_config('[period]\ngrace = "1d12h"\n').period.grace == timedelta(hours=36)
-    assert parse_config("[period]\ngrace = 90\n").period.grace == timedelta(seconds=90)
+    assert parse_config('[period]\ngrace = "90s"\n').period.grace == timedelta(seconds=90)
+    assert parse_config(BASE + 'currency = "EUR"\n').meters["api_calls"].currency == "eur"
 
 
 def test_the_fingerprint_follows_meaning_not_spelling():

@@ -29,6 +29,11 @@ def test_period_arguments():
     assert [p.label for p in parse_periods("2026-09..2026-11", utc)] == ["2026-09", "2026-10", "2026-11"]
     (custom,) = parse_periods("2026-10-15..2026-11-15", utc)
     assert (custom.start, custom.label) == (datetime(2026, 10, 15, tzinfo=UTC), "2026-10-15..2026-11-15")
+    berlin = ZoneInfo("Europe/Berlin")  # a calendar month spelled as dates is that month, label and all
+    assert parse_periods("2026-10-01..2026-11-01", berlin) == (month(2026, 10, berlin),)
+    assert parse_periods("2026-10-01T00:00:00+02:00..2026-11-01T00:00:00+01:00", berlin)[0].label == "2026-10"
+    assert parse_periods("2026-10-01..2026-11-01", utc)[0].label == "2026-10"
+    assert parse_periods("2026-10-01..2026-11-01", berlin) != parse_periods("2026-10-01..2026-11-01", utc)
     with pytest.raises(PeriodError, match="--period"):
         parse_periods("October", utc)
     with pytest.raises(PeriodError, match="no month 13"):

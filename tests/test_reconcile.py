@@ -52,7 +52,7 @@ def test_duplicates_rightly_ignored_leave_a_match(tmp_path):
     verdict = only(run(tmp_path, raw, [metered(100_000)], [line(100, "100.00")]))
     assert verdict["class"] == "match"
     assert verdict["evidence"]["duplicate_event_ids"] == ["e1"]
-    assert "1 duplicate events ignored" in verdict["cause"]
+    assert "1 duplicate event ignored" in verdict["cause"]
 
 
 def test_duplicate_with_a_different_quantity_keeps_the_first_received(tmp_path):
