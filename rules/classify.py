@@ -476,6 +476,7 @@ def _unmapped(facts: KeyFacts, meter: Meter | None, period: Period, limit: int, 
     else:
         cause = "record has no customer id"
     money = amount.quantize(minor_unit(currency)) if currency else amount
+    nothing = ZERO.quantize(minor_unit(currency)) if currency else ZERO  # "0.00", as on other lines
     return ReconLine(
         customer_id=facts.customer_id,
         meter=facts.meter,
@@ -487,9 +488,9 @@ def _unmapped(facts: KeyFacts, meter: Meter | None, period: Period, limit: int, 
         invoiced_units=invoiced,
         incurred_overage=ZERO,
         invoiced_overage=ZERO,
-        expected_amount=ZERO,
+        expected_amount=nothing,
         invoiced_amount=money,
-        credit_amount=ZERO,
+        credit_amount=nothing,
         delta_units=facts.raw - invoiced,
         delta_amount=-money,
         currency=currency,

@@ -15,8 +15,8 @@ from rules.models import InvoiceLine, MeteredRecord, Period, RawAggregate, Repor
 from rules.timeline import Timeline
 
 # Part of every run's id: a change to what the same inputs report makes new runs. "2" from
-# 2026-12-08: "1 duplicate event ignored" (was "events"), and a month given as its dates is
-# labelled as the month.
+# 2026-12-08: "1 duplicate event ignored" (was "events"), a month given as its dates is
+# labelled as the month, and an unmapped line's expected and credit amounts are "0.00", not "0".
 CALCULATION_VERSION = "2"
 
 

@@ -166,6 +166,7 @@ def test_credit_that_explains_part_of_the_difference_leaves_an_under_bill(tmp_pa
 def test_unknown_meter_is_unmapped(tmp_path):
     verdict = only(run(tmp_path, [], [], [line(400, "4.00", meter="sms")]), meter="sms")
     assert (verdict["class"], verdict["delta_amount"], verdict["currency"]) == ("unmapped", "-4.00", "usd")
+    assert (verdict["expected_amount"], verdict["credit_amount"]) == ("0.00", "0.00")  # to the cent, as elsewhere
 
 
 def test_invoice_line_without_a_customer_is_unmapped(tmp_path):
