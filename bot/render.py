@@ -211,7 +211,8 @@ def print_summary(report: dict[str, Any], console: Console) -> None:
     table.add_column("keys", justify="right")
     table.add_column("delta amount", justify="right")
     for klass, facts in summary["classes"].items():
-        amount = ", ".join(f"{v} {k.upper()}" for k, v in facts["amounts"].items()) or "0.00"
+        # a class with no key has no amount, in no currency
+        amount = ", ".join(f"{v} {k.upper()}" for k, v in facts["amounts"].items()) or "—"
         table.add_row(f"[{CLASS_STYLE[klass]}]{klass}[/]", str(facts["count"]), amount)
     console.print(table)
     scope = summary.get("out_of_scope", {})

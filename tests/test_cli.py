@@ -147,7 +147,10 @@ def test_csv_and_table_formats(tmp_path):
     assert ",under_bill,metering," in row
     table = recon("reconcile", "--config", config, "--out", str(tmp_path / "report.txt"))
     assert table.exit_code == 0
-    assert "under_bill" in (tmp_path / "report.txt").read_text()
+    shown = (tmp_path / "report.txt").read_text()
+    assert "under_bill" in shown
+    rows = {line.split()[0]: line.split()[1:] for line in shown.splitlines() if line.strip()[:1].isalpha()}
+    assert rows["over_bill"] == ["0", "—"]  # a class with no key: no amount, rather than a currency-less 0.00
 
 
 def test_a_bad_row_exits_2_with_one_line(tmp_path):
