@@ -524,25 +524,37 @@ class Store:
     # -- timing watch-list --------------------------------------------------------
 
     def _watch(self, run_id: str, lines: list[dict[str, Any]]) -> None:
-        """Open a timing item for each timing line; mark cleared the items a catch-up cleared."""
-        for line in lines:
-            if line["class"] == "timing":
-                self.backend.execute(
-                    """INSERT INTO watchlist (customer_id, meter, period, status, opened_by, late_units)
-                       VALUES (?, ?, ?, 'open', ?, ?) ON CONFLICT (customer_id, meter, period) DO NOTHING""",
-                    [line["customer_id"], line["meter"], line["period"], run_id, line["late_units"]],
-                )
-            for ref in line["evidence"]["clears"]:
-                self.backend.execute(
-                    """UPDATE watchlist SET status = 'cleared', cleared_by = ?
-                       WHERE customer_id = ? AND meter = ? AND period = ? AND status = 'open'""",
-                    [
-                        json.dumps({"run_id": run_id, "invoice_id": _first_invoice(line), "period": line["period"]}),
-                        ref["customer_id"],
-                        ref["meter"],
-                        ref["period"],
-                    ],
-                )
+        """Open a timing item for each timing line; mark cleared the items a catch-up cleared.
+        One statement each for all the lines (a big run has thousands; on PostgreSQL a statement
+        each was a round trip each). An item is opened by a line of an earlier period than the
+        line clearing it, so opening them all first keeps the lines' order."""
+        opened = [
+            (line["customer_id"], line["meter"], line["period"], run_id, line["late_units"])
+            for line in lines
+            if line["class"] == "timing"
+        ]
+        cleared = [
+            (
+                json.dumps({"run_id": run_id, "invoice_id": _first_invoice(line), "period": line["period"]}),
+                ref["customer_id"],
+                ref["meter"],
+                ref["period"],
+            )
+            for line in lines
+            for ref in line["evidence"]["clears"]
+        ]
+        if opened:
+            self.backend.executemany(
+                """INSERT INTO watchlist (customer_id, meter, period, status, opened_by, late_units)
+                   VALUES (?, ?, ?, 'open', ?, ?) ON CONFLICT (customer_id, meter, period) DO NOTHING""",
+                opened,
+            )
+        if cleared:
+            self.backend.executemany(
+                """UPDATE watchlist SET status = 'cleared', cleared_by = ?
+                   WHERE customer_id = ? AND meter = ? AND period = ? AND status = 'open'""",
+                cleared,
+            )
 
     def watchlist(self, include_closed: bool = False) -> list[dict[str, Any]]:
         where = "" if include_closed else "WHERE status = 'open'"
