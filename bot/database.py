@@ -26,7 +26,7 @@ SET x = excluded.x`, `RETURNING`; no `rowid`, no `INSERT OR IGNORE`, no `::casts
     backend.insert_many(table, columns, rows)           (many rows of text and integers, quickly)
     with backend.transaction(): ...                     (all statements inside commit together)
 
-A new schema version is a function appended to `bot.store.MIGRATIONS`, taking the
+A new schema version is a function appended to `bot.migrations.MIGRATIONS`, taking the
 backend; it runs the same DDL on both unless `backend.dialect` says otherwise.
 """
 

@@ -10,7 +10,8 @@ from click.testing import CliRunner
 
 from bot.cli import main
 from bot.config import Settings
-from bot.store import SCHEMA_VERSION, Store
+from bot.migrations import SCHEMA_VERSION
+from bot.store import Store
 from tests.book import config_text, event, line, metered, write_book
 
 

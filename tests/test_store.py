@@ -9,7 +9,8 @@ import pytest
 from bot import render
 from bot.app import create_app
 from bot.config import Settings
-from bot.store import SCHEMA_VERSION, RunRecord, Store, StoreError
+from bot.migrations import SCHEMA_VERSION
+from bot.store import RunRecord, Store, StoreError
 from tests.book import SEP, event, line, metered, reconcile_book, write_book
 
 
