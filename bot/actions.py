@@ -119,9 +119,17 @@ class Decider:
             return
         platform = self.platform_of(run_id)
         target = self.writebacks[platform]()
-        platform_id = self._written_before(target, kind, key, line, run_id, idempotency_key)
-        if platform_id is None:
-            self.log.mark_writing(idempotency_key, now())
+        found = self._written_before(target, kind, idempotency_key)
+        if found is not None:
+            platform_id, facts = found
+        else:
+            facts = {
+                "customer_id": split_key(key)[0],
+                "invoice_id": self._invoice_of(line, run_id),
+                "amount": str(abs(Decimal(line["delta_amount"]))),
+                "currency": line["currency"],
+            }
+            self.log.mark_writing(idempotency_key, now(), facts)
             platform_id = self._write(target, kind, key, line, run_id, idempotency_key)
         self.log.save_writeback(
             idempotency_key,
@@ -129,25 +137,25 @@ class Decider:
             {
                 "platform": platform,
                 "kind": kind,
-                "amount": str(abs(Decimal(line["delta_amount"]))),
-                "currency": line["currency"],
+                "amount": facts["amount"],
+                "currency": facts["currency"],
                 "platform_id": platform_id,
             },
             run_id,
         )
 
-    def _written_before(
-        self, target: WriteBack, kind: str, key: str, line: dict[str, Any], run_id: str, idempotency_key: str
-    ) -> str | None:
-        """What a write begun earlier under this key created, when its answer was lost (a mark
-        without a record) and the platform can be asked (`FindsWritten`); else None."""
-        since = self.log.writing(idempotency_key)
-        if since is None or not isinstance(target, FindsWritten):
+    def _written_before(self, target: WriteBack, kind: str, idempotency_key: str) -> tuple[str, dict[str, Any]] | None:
+        """What a write begun earlier under this key created, with what it sent, when its answer
+        was lost (a mark without a record) and the platform can be asked (`FindsWritten`). It is
+        looked for as it was sent (its customer and invoice), whatever the key's newest line says
+        now; the record then says what that write sent."""
+        mark = self.log.writing(idempotency_key)
+        if mark is None or not isinstance(target, FindsWritten):
             return None
-        customer = split_key(key)[0]
-        return target.find_written(
-            kind, customer, self._invoice_of(line, run_id), idempotency_key, datetime.fromisoformat(since)
-        )
+        facts = mark["facts"]
+        since = datetime.fromisoformat(mark["since"])
+        platform_id = target.find_written(kind, facts["customer_id"], facts["invoice_id"], idempotency_key, since)
+        return (platform_id, facts) if platform_id is not None else None
 
     def _invoice_of(self, line: dict[str, Any], run_id: str) -> str | None:
         """The invoice a key's line names, else the one its run was made for."""

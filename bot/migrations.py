@@ -194,9 +194,12 @@ def _index_run_pages(db: Backend, run_id: str) -> None:
 
 
 def _schema_8(db: Backend) -> None:
-    """A write-back under way: marked before the platform is called, cleared when it is recorded,
-    so a write whose answer was lost is looked for on the platform instead of written again."""
-    db.execute("CREATE TABLE route_writing (idempotency_key TEXT PRIMARY KEY, since TEXT NOT NULL)")
+    """A write-back under way: marked before the platform is called (with what it sends: JSON
+    facts), cleared when it is recorded, so a write whose answer was lost is looked for on the
+    platform, as it was sent, instead of written again."""
+    db.execute(
+        "CREATE TABLE route_writing (idempotency_key TEXT PRIMARY KEY, since TEXT NOT NULL, facts TEXT NOT NULL)"
+    )
 
 
 # The schema's history, oldest first: version N is MIGRATIONS[N - 1]. Append; never edit a step.

@@ -16,6 +16,7 @@ transaction with the version it reaches, when any process opens the store.
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
@@ -91,6 +92,14 @@ class Claimed:
 # are all of its own periods (bot.service.save labels a run of one period by it, of several
 # `first..last`), so a run of one other period holds none; a custom period's label has `..` too.
 _RUNS_OF_PERIOD = "(period_label = ? OR period_label LIKE ?)"
+
+MONTH_LABEL = re.compile(r"\d{4}-\d{2}")
+
+
+def _like_prefix(text: str) -> str:
+    """`text` as a LIKE pattern matching itself only (with ESCAPE '\\')."""
+    return text.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_")
+
 
 RUN_COLUMNS = (
     "run_id, status, created_at, period_start, period_end, period_label, config_hash, calculation_version, "
@@ -412,13 +421,15 @@ class Store:
                 clauses.append(f"{column} = ?")
                 params.append(filters[column])
         if filters.get("period"):
-            # the period itself, a run of months from it, or (`YYYY-MM..YYYY-MM`) one covering it
-            clauses.append(
-                """(period_label = ? OR period_label LIKE ? || '..%'
-                    OR (length(period_label) = 16 AND period_label LIKE '____-__..____-__'
-                        AND substr(period_label, 1, 7) <= ? AND substr(period_label, 10, 7) >= ?))"""
-            )
-            params += [filters["period"]] * 4
+            # the period itself, or a run of periods from it; for a month, also a run of months
+            # (`YYYY-MM..YYYY-MM`) covering it
+            period = filters["period"]
+            covering = ""
+            if MONTH_LABEL.fullmatch(period):
+                covering = """OR (length(period_label) = 16 AND period_label LIKE '____-__..____-__'
+                                  AND substr(period_label, 1, 7) <= ? AND substr(period_label, 10, 7) >= ?)"""
+            clauses.append(f"(period_label = ? OR period_label LIKE ? ESCAPE '\\' {covering})")
+            params += [period, _like_prefix(period) + "..%"] + ([period, period] if covering else [])
         if filters.get("customer_id"):
             clauses.append("(customer_id = ? OR run_id IN (SELECT run_id FROM run_customers WHERE customer_id = ?))")
             params += [filters["customer_id"], filters["customer_id"]]
@@ -836,17 +847,19 @@ class RoutingLog:
             )
             self._write("DELETE FROM route_writing WHERE idempotency_key = ?", [idempotency_key])
 
-    def writing(self, idempotency_key: str) -> str | None:
-        """When a write-back under this key was begun and not recorded, if one was."""
-        row = self._one("SELECT since FROM route_writing WHERE idempotency_key = ?", [idempotency_key])
-        return row["since"] if row else None
+    def writing(self, idempotency_key: str) -> dict[str, Any] | None:
+        """The write-back under this key that was begun and not recorded, if one was: `since`
+        (when) and `facts` (what it sent: customer_id, invoice_id, amount, currency)."""
+        row = self._one("SELECT since, facts FROM route_writing WHERE idempotency_key = ?", [idempotency_key])
+        return {"since": row["since"], "facts": json.loads(row["facts"])} if row else None
 
-    def mark_writing(self, idempotency_key: str, since: str) -> None:
-        """Note, before calling the platform, that a write-back is under way (the first
-        attempt's mark is kept)."""
+    def mark_writing(self, idempotency_key: str, since: str, facts: dict[str, Any]) -> None:
+        """Note, before calling the platform, that a write-back is under way and what it sends.
+        A mark left by an attempt that wrote nothing (it was looked for) is replaced."""
         self._write(
-            "INSERT INTO route_writing (idempotency_key, since) VALUES (?, ?) ON CONFLICT (idempotency_key) DO NOTHING",
-            [idempotency_key, since],
+            """INSERT INTO route_writing (idempotency_key, since, facts) VALUES (?, ?, ?)
+               ON CONFLICT (idempotency_key) DO UPDATE SET since = excluded.since, facts = excluded.facts""",
+            [idempotency_key, since, json.dumps(facts, sort_keys=True)],
         )
 
     def writebacks(self, period: str | None = None) -> list[dict[str, Any]]:

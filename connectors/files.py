@@ -145,9 +145,12 @@ class TableFile:
         if self.remote:
             # a cursor of its own: a run takes the fingerprint while its scan uses the connection
             with self.con.cursor() as cursor:
+                cursor.execute("SET TimeZone = 'UTC'")  # as `connect` sets it: the same text on any host
                 listing = cursor.execute(
                     "SELECT filename, size, last_modified FROM read_blob(?) ORDER BY filename", [str(self.path)]
                 ).fetchall()
+            if not listing:
+                raise InputError(f"{self.path}: no file matches")
             for name, size, modified in listing:
                 digest.update(f"{name}\t{size}\t{modified.isoformat()}\n".encode())
             return f"objects-sha256:{digest.hexdigest()}"
@@ -957,4 +960,11 @@ def _quote_literal(text: str) -> str:
 
 
 def _first_line(exc: Exception) -> str:
-    return str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+    """The message's first line; for an error DuckDB passes on from Python code (s3fs), which
+    carries the traceback, its last line (the exception itself)."""
+    lines = [line for line in str(exc).strip().splitlines() if line.strip()]
+    if not lines:
+        return type(exc).__name__
+    if any("Traceback (most recent call last)" in line for line in lines):
+        return lines[-1].strip()
+    return lines[0]

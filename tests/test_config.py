@@ -72,6 +72,7 @@ def test_a_wrong_key_type_or_value_names_the_key(text, message):
 def test_durations_and_currencies():
     assert parse_config('[period]\ngrace = "1d12h"\n').period.grace == timedelta(hours=36)
     assert parse_config('[period]\ngrace = "90s"\n').period.grace == timedelta(seconds=90)
+    assert parse_config("[period]\ngrace = 0\n").period.grace == timedelta(0)  # no unit needed for none
     assert parse_config(BASE + 'currency = "EUR"\n').meters["api_calls"].currency == "eur"
 
 

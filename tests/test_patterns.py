@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import os
+import subprocess
 import sys
 import uuid
 from datetime import timedelta
@@ -169,6 +171,16 @@ def test_an_s3_pattern_reads_every_object_as_one_table_and_fingerprints_them(tmp
         assert source.table.con.list_filesystems() != []  # s3fs, registered on the connection
     before = source.fingerprint()
     assert raw_source(url, tmp_path).fingerprint() == before
+    elsewhere = subprocess.run(  # a host in another time zone names the same objects the same way
+        [sys.executable, "-c", f"from connectors.raw import raw_source; print(raw_source({url!r}, '.').fingerprint())"],
+        env={**os.environ, "TZ": "America/New_York"},
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    assert elsewhere.stdout.strip() == before
+    with pytest.raises(InputError, match=r"raw/2027-\*\.csv: no file matches"):
+        raw_source(f"s3://{s3.name}/raw/2027-*.csv", tmp_path).fingerprint()
     s3.put(write_csv(tmp_path / "more.csv", RAW, [event("e9", 1)]), "raw/2026-10-c.csv")
     again = raw_source(url, tmp_path)
     assert again.fingerprint() != before
@@ -199,3 +211,15 @@ def test_recon_reconcile_reads_raw_events_from_s3(tmp_path, s3):
     assert (local.exit_code, remote.exit_code) == (0, 0), remote.output
     assert json.loads(remote.stdout)["lines"] == json.loads(local.stdout)["lines"] != []
     assert "s3cret" not in remote.output
+
+
+def test_an_error_from_python_inside_duckdb_is_its_last_line():
+    from connectors.files import _first_line
+
+    passed_on = RuntimeError(
+        'IO Error: Traceback (most recent call last):\n  File "s3fs/core.py", line 1, in _call\n'
+        "botocore.exceptions.EndpointConnectionError: Could not connect to the endpoint URL\n"
+    )
+    last = "botocore.exceptions.EndpointConnectionError: Could not connect to the endpoint URL"
+    assert _first_line(passed_on) == last
+    assert _first_line(RuntimeError("Binder Error: no column x\nLINE 1: ...")) == "Binder Error: no column x"

@@ -207,8 +207,17 @@ def test_a_charge_whose_answer_was_lost_is_found_on_stripe_not_written_again(tmp
     assert (event["status"], event["attempts"]) == ("pending", 1)  # to be retried
     log = RoutingLog(context.store)
     key = writeback_key("charge", UNDER)
-    assert log.writing(key) is not None and log.writeback(key) is None
+    assert log.writing(key)["facts"] == {
+        "customer_id": "cus_a",
+        "invoice_id": "in_cus_a_2026-10",
+        "amount": "40.00",
+        "currency": "usd",
+    }
+    assert log.writeback(key) is None
     attempts = lost.call_count
+    october(tmp_path, invoiced_a=(130, "160.00"))  # meanwhile a newer run finds the key billed in full
+    newer = reconcile_book(tmp_path, "2026-10", context.store)
+    assert [ln["delta_amount"] for ln in newer["lines"] if ln["customer_id"] == "cus_a"] == ["0.00"]
 
     stripe_api.replace(
         responses.GET,
@@ -228,7 +237,8 @@ def test_a_charge_whose_answer_was_lost_is_found_on_stripe_not_written_again(tmp
 
     assert listed.call_count == 1 and lost.call_count == attempts  # looked, and wrote nothing more
     assert [e["status"] for e in context.store.events()] == ["done"]
-    assert log.writeback(key)["platform_id"] == "ii_made_then"
+    written = log.writeback(key)
+    assert (written["platform_id"], written["amount"]) == ("ii_made_then", "40.00")  # what was sent, not the new line
     assert log.writing(key) is None
     # only what was made since the write began (less ten minutes for the clocks) is listed
     created = int(listed.calls[0].request.params["created[gte]"])

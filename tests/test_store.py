@@ -138,6 +138,8 @@ def test_every_line_is_found_by_key_across_page_boundaries(tmp_path, store):
     assert runs == [october["run_id"], report["run_id"]]
     by_period = {p: [r["run_id"] for r in store.list_runs({"period": p})] for p in ("2026-08", "2026-09", "2026-10")}
     assert by_period == {"2026-08": [], "2026-09": [report["run_id"]], "2026-10": runs}  # two months: under each
+    for other in ("2026-09-15..2026-10-15", "2026_09", "2026-0%"):  # not a month: only its own runs
+        assert store.list_runs({"period": other}) == []
     dated = reconcile_book(tmp_path, "2026-10-01..2026-11-01", store)  # October spelled as dates
     assert dated == october and store.count("runs") == 2
 
