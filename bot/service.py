@@ -156,11 +156,12 @@ def _reconcile_in_bulk(
 
     timeline = build_timeline(periods, config.meters, config.period.grace)
     with ThreadPoolExecutor(max_workers=1) as pool:
-        inputs = pool.submit(fingerprints)
+        hashing = pool.submit(fingerprints)
         judged = judge_book(config, timeline, aggregates, *columns, store.lines_per_page)
-    run_id = run_id_for(config.fingerprint, inputs.result(), periods, frozenset())
+    inputs = hashing.result()
+    run_id = run_id_for(config.fingerprint, inputs, periods, frozenset())
     head = head_json(run_id, periods, judged.summary)
-    return _store(store, head, judged.pages, config, inputs.result(), periods, frozenset(), spool)
+    return _store(store, head, judged.pages, config, inputs, periods, frozenset(), spool)
 
 
 def reconcile_platform(

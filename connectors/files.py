@@ -911,40 +911,45 @@ def _register_s3fs(con: duckdb.DuckDBPyConnection, environ: Mapping[str, str]) -
         import s3fs  # type: ignore[import-untyped]
     except ImportError:
         return False
+    aws = _aws_variables(environ)
     options: dict[str, Any] = {"skip_instance_cache": True, "use_listings_cache": False}
-    variables = (("key", "AWS_ACCESS_KEY_ID"), ("secret", "AWS_SECRET_ACCESS_KEY"), ("token", "AWS_SESSION_TOKEN"))
-    for option, name in variables:
-        if environ.get(name):
-            options[option] = environ[name]
-    endpoint = environ.get("AWS_ENDPOINT_URL_S3") or environ.get("AWS_ENDPOINT_URL")
-    if endpoint:
-        options["endpoint_url"] = endpoint if "://" in endpoint else f"https://{endpoint}"
-    region = environ.get("AWS_REGION") or environ.get("AWS_DEFAULT_REGION")
-    if region:
-        options["client_kwargs"] = {"region_name": region}
+    options |= {name: aws[name] for name in ("key", "secret", "token") if name in aws}
+    if "endpoint" in aws:
+        options["endpoint_url"] = aws["endpoint"]
+    if "region" in aws:
+        options["client_kwargs"] = {"region_name": aws["region"]}
     con.register_filesystem(s3fs.S3FileSystem(**options))
     return True
 
 
 def s3_secret(environ: Mapping[str, str]) -> dict[str, str]:
-    """S3 secret options from AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY, AWS_SESSION_TOKEN,
-    AWS_REGION (or AWS_DEFAULT_REGION) and AWS_ENDPOINT_URL (an S3-compatible server)."""
-    options: dict[str, str] = {}
-    for key, name in (("KEY_ID", "AWS_ACCESS_KEY_ID"), ("SECRET", "AWS_SECRET_ACCESS_KEY")):
-        if environ.get(name):
-            options[key] = environ[name]
-    if environ.get("AWS_SESSION_TOKEN"):
-        options["SESSION_TOKEN"] = environ["AWS_SESSION_TOKEN"]
-    region = environ.get("AWS_REGION") or environ.get("AWS_DEFAULT_REGION")
-    if region:
-        options["REGION"] = region
-    endpoint = environ.get("AWS_ENDPOINT_URL_S3") or environ.get("AWS_ENDPOINT_URL")
-    if endpoint:
-        parts = urlsplit(endpoint if "://" in endpoint else f"https://{endpoint}")
+    """DuckDB's S3 secret options from the AWS variables (`_aws_variables`)."""
+    aws = _aws_variables(environ)
+    names = {"key": "KEY_ID", "secret": "SECRET", "token": "SESSION_TOKEN", "region": "REGION"}
+    options = {option: aws[name] for name, option in names.items() if name in aws}
+    if "endpoint" in aws:
+        parts = urlsplit(aws["endpoint"])
         options["ENDPOINT"] = parts.netloc
         options["URL_STYLE"] = "path"
         options["USE_SSL"] = "true" if parts.scheme == "https" else "false"
     return options
+
+
+def _aws_variables(environ: Mapping[str, str]) -> dict[str, str]:
+    """The standard AWS variables that are set: AWS_ACCESS_KEY_ID (`key`), AWS_SECRET_ACCESS_KEY
+    (`secret`), AWS_SESSION_TOKEN (`token`), AWS_REGION or AWS_DEFAULT_REGION (`region`), and
+    AWS_ENDPOINT_URL_S3 or AWS_ENDPOINT_URL (`endpoint`, an S3-compatible server; https:// when
+    it names no scheme)."""
+    found = {
+        "key": environ.get("AWS_ACCESS_KEY_ID"),
+        "secret": environ.get("AWS_SECRET_ACCESS_KEY"),
+        "token": environ.get("AWS_SESSION_TOKEN"),
+        "region": environ.get("AWS_REGION") or environ.get("AWS_DEFAULT_REGION"),
+        "endpoint": environ.get("AWS_ENDPOINT_URL_S3") or environ.get("AWS_ENDPOINT_URL"),
+    }
+    if found["endpoint"] and "://" not in found["endpoint"]:
+        found["endpoint"] = f"https://{found['endpoint']}"
+    return {name: value for name, value in found.items() if value}
 
 
 def _ts(moment: datetime) -> str:

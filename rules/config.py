@@ -292,9 +292,9 @@ def _choice(value: Any, choices: tuple[str, ...] | dict[str, Any], where: str) -
 def parse_duration(value: Any, where: str) -> timedelta:
     """`48h`, `2d`, `1d12h`, `90m`, `30s`. A bare number is refused: `grace = 48` could mean
     hours as well as seconds, and a wrong guess silently moves events in or out of a period."""
-    if isinstance(value, (int, float, Decimal)) and not isinstance(value, bool) and value == 0:
-        return timedelta(0)
     if isinstance(value, (int, float, Decimal)) and not isinstance(value, bool):
+        if value == 0:  # none needs no unit
+            return timedelta(0)
         raise ConfigError(f"{where}: a number has no unit; write it as a duration such as '{value}h' or '{value}s'")
     match = DURATION.match(value) if isinstance(value, str) and value else None
     if not match:
